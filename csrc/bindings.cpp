@@ -1,0 +1,47 @@
+// helios._C: TORCH_LIBRARY schemas + CPU kernels for tensor ops, pybind11 for the host allocator.
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "block_allocator.h"
+#include "ops.h"
+
+TORCH_LIBRARY(helios, m) {
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(helios, CPU, m) {
+  m.impl("store_kv", &helios::store_kv_cpu);
+  m.impl("paged_attention", &helios::paged_attention_cpu);
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "helios native extension: paged KV cache allocator and cache ops";
+#ifdef HELIOS_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+  py::class_<helios::BlockAllocator>(m, "BlockAllocator")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def_property_readonly("num_blocks", &helios::BlockAllocator::num_blocks)
+      .def_property_readonly("block_size", &helios::BlockAllocator::block_size)
+      .def_property_readonly("num_free", &helios::BlockAllocator::num_free)
+      .def_property_readonly("num_sequences", &helios::BlockAllocator::num_sequences)
+      .def("allocate", &helios::BlockAllocator::allocate)
+      .def("incref", &helios::BlockAllocator::incref, py::arg("block"))
+      .def("free", &helios::BlockAllocator::free, py::arg("block"))
+      .def("ref_count", &helios::BlockAllocator::ref_count, py::arg("block"))
+      .def("blocks_needed", &helios::BlockAllocator::blocks_needed, py::arg("seq_id"), py::arg("num_tokens"))
+      .def("can_hold", &helios::BlockAllocator::can_hold, py::arg("seq_id"), py::arg("num_tokens"))
+      .def("ensure_capacity", &helios::BlockAllocator::ensure_capacity, py::arg("seq_id"), py::arg("num_tokens"))
+      .def("free_sequence", &helios::BlockAllocator::free_sequence, py::arg("seq_id"))
+      .def("has_sequence", &helios::BlockAllocator::has_sequence, py::arg("seq_id"))
+      .def("block_table", &helios::BlockAllocator::block_table, py::arg("seq_id"))
+      .def("slots", &helios::BlockAllocator::slots, py::arg("seq_id"), py::arg("start"), py::arg("end"));
+}

@@ -1,0 +1,196 @@
+// CPU implementations of store_kv and paged_attention (at::parallel_for = OpenMP in torch builds).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+
+namespace helios {
+
+void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                         const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "store_kv: key/value must be [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(key.sizes() == value.sizes(), "store_kv: key and value shapes differ");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(),
+              "store_kv: caches must be [num_blocks, block_size, kv_heads, head_dim] of one shape");
+  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "store_kv: cache heads/head_dim do not match key");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == value_cache.scalar_type(),
+              "store_kv: key/value dtype must equal the cache dtype");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "store_kv: caches must be contiguous");
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+                  value.stride(1) == value.size(2),
+              "store_kv: each token's key/value rows must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == key.size(0),
+              "store_kv: slot_mapping must be int64 [tokens]");
+}
+
+void store_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                  const at::Tensor& slot_mapping) {
+  check_store_kv_args(key, value, key_cache, value_cache, slot_mapping);
+  const int64_t tokens = key.size(0);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t row_bytes = key.size(1) * key.size(2) * key.element_size();
+  const auto slot_acc = slot_mapping.contiguous();
+  const int64_t* slots = slot_acc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slots[t] < num_slots, "store_kv: slot ", slots[t], " outside the cache (", num_slots, " slots)");
+  const char* k_src = static_cast<const char*>(key.data_ptr());
+  const char* v_src = static_cast<const char*>(value.data_ptr());
+  char* k_dst = static_cast<char*>(key_cache.data_ptr());
+  char* v_dst = static_cast<char*>(value_cache.data_ptr());
+  const int64_t k_stride = key.stride(0) * key.element_size();
+  const int64_t v_stride = value.stride(0) * value.element_size();
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;  // padding
+      std::memcpy(k_dst + slot * row_bytes, k_src + t * k_stride, row_bytes);
+      std::memcpy(v_dst + slot * row_bytes, v_src + t * v_stride, row_bytes);
+    }
+  });
+}
+
+void check_paged_attention_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, const at::Tensor& query_start_loc) {
+  TORCH_CHECK(query.dim() == 3, "paged_attention: query must be [tokens, heads, head_dim]");
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.is_contiguous(),
+              "paged_attention: out must be a contiguous tensor shaped and typed like query");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2),
+              "paged_attention: each query token's heads must be contiguous");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() && key_cache.is_contiguous() &&
+                  value_cache.is_contiguous(),
+              "paged_attention: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(key_cache.size(3) == query.size(2), "paged_attention: head_dim of query and cache differ");
+  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "paged_attention: heads must be a multiple of kv_heads");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
+              "paged_attention: query and cache dtypes differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "paged_attention: block_tables must be contiguous int32 [seqs, max_blocks]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == block_tables.size(0),
+              "paged_attention: seq_lens must be int32 [seqs]");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.dim() == 1 &&
+                  query_start_loc.size(0) == seq_lens.size(0) + 1,
+              "paged_attention: query_start_loc must be int32 [seqs + 1]");
+}
+
+namespace {
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename scalar_t>
+void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const int32_t* tables, int64_t max_blocks,
+                          const int32_t* seq_lens, const int32_t* qsl, int64_t num_seqs, float scale,
+                          int64_t window) {
+  const int64_t tokens = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
+  const int64_t group = heads / kv_heads;
+  const int64_t q_stride = query.stride(0);
+  const int64_t slot_stride = kv_heads * dim;  // elements per cache slot
+  const scalar_t* q_ptr = query.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = key_cache.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = value_cache.data_ptr<scalar_t>();
+  scalar_t* o_ptr = out.data_ptr<scalar_t>();
+
+  // token -> sequence, so that work splits by (token, kv head) and long prefills still spread over cores.
+  std::vector<int64_t> token_seq(tokens, -1);
+  for (int64_t s = 0; s < num_seqs; ++s)
+    for (int64_t t = qsl[s]; t < qsl[s + 1]; ++t) token_seq[t] = s;
+
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(group * dim), acc(group * dim), kv_row(dim), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / kv_heads, kvh = task % kv_heads;
+      const int64_t s = token_seq[t];
+      if (s < 0) continue;
+      const int64_t q_len = qsl[s + 1] - qsl[s];
+      const int64_t pos = seq_lens[s] - q_len + (t - qsl[s]);  // absolute position of this query token
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const int64_t n = pos - first + 1;
+      const int32_t* table = tables + s * max_blocks;
+      for (int64_t g = 0; g < group; ++g)
+        load_row(q_ptr + t * q_stride + (kvh * group + g) * dim, q.data() + g * dim, dim);
+      scores.resize(group * n);
+      std::vector<float> row_max(group, -std::numeric_limits<float>::infinity());
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = first + i;
+        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
+        load_row(k_ptr + slot * slot_stride + kvh * dim, kv_row.data(), dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float sc = dot(q.data() + g * dim, kv_row.data(), dim) * scale;
+          scores[g * n + i] = sc;
+          row_max[g] = std::max(row_max[g], sc);
+        }
+      }
+      std::vector<float> denom(group, 0.f);
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < n; ++i) {
+          float e = std::exp(scores[g * n + i] - row_max[g]);
+          scores[g * n + i] = e;
+          denom[g] += e;
+        }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = first + i;
+        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
+        load_row(v_ptr + slot * slot_stride + kvh * dim, kv_row.data(), dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float w = scores[g * n + i];
+          float* a = acc.data() + g * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) a[d] += w * kv_row[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* o = o_ptr + (t * heads + kvh * group + g) * dim;
+        const float inv = 1.f / denom[g];
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(acc[g * dim + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                         const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
+  check_paged_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc);
+  const int64_t num_seqs = seq_lens.size(0);
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  TORCH_CHECK(qsl[0] == 0 && qsl[num_seqs] == query.size(0), "paged_attention: query_start_loc must span all tokens");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = qsl[s + 1] - qsl[s];
+    TORCH_CHECK(q_len >= 0 && lens[s] >= q_len, "paged_attention: sequence ", s, " has ", q_len,
+                " query tokens but context length ", lens[s]);
+    TORCH_CHECK(lens[s] <= max_blocks * key_cache.size(1), "paged_attention: sequence ", s,
+                " is longer than its block table");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu", [&] {
+    paged_attention_impl<scalar_t>(out, query, key_cache, value_cache, block_tables.data_ptr<int32_t>(), max_blocks,
+                                   lens, qsl, num_seqs, static_cast<float>(scale), sliding_window);
+  });
+}
+
+}  // namespace helios

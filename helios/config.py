@@ -1,0 +1,52 @@
+"""EngineConfig: every LLM(...) argument, validated up front; each error names its field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from helios.utils.memory import parse_bytes
+
+
+def _positive_int(name: str, value, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype = "auto"
+    memory_budget: int | str | None = None
+    block_size: int = 16
+    kv_cache_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    num_layers: int | None = None
+    max_num_batched_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, Path)):
+            raise TypeError(f"model must be a path or alias string, got {type(self.model).__name__}")
+        if self.memory_budget is not None:
+            self.memory_budget = parse_bytes(self.memory_budget, "memory_budget")
+        _positive_int("block_size", self.block_size)
+        _positive_int("kv_cache_blocks", self.kv_cache_blocks, optional=True)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_model_len", self.max_model_len, optional=True)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (one prompt token + one generated), got {self.max_model_len}")
+        if self.num_layers is not None:
+            if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
+                raise TypeError(f"num_layers must be an int, got {type(self.num_layers).__name__}")
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

@@ -1,0 +1,210 @@
+"""LLMEngine: owns model, KV cache, scheduler and tokenizer; add_request / step / has_unfinished.
+
+Builds everything in a fixed order (resolve → config checks → load layers 1..L → size the KV pool)
+so that a bad argument fails before anything large is allocated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+from transformers import AutoTokenizer
+
+from helios.config import EngineConfig
+from helios.engine.outputs import CompletionOutput, RequestOutput
+from helios.engine.scheduler import Scheduler
+from helios.engine.sequence import Sequence
+from helios.kv.cache import KVCache, blocks_for_budget, kv_bytes_per_token
+from helios.model.checkpoint import Checkpoint
+from helios.model.registry import check_supported, load_model
+from helios.model.runner import ModelRunner
+from helios.model.source import resolve_model
+from helios.ops import PagedAttentionOps
+from helios.sampling_params import SamplingParams
+from helios.utils.device import resolve_device, resolve_dtype
+from helios.utils.memory import device_total_memory, format_bytes
+
+logger = logging.getLogger("helios")
+CPU_DEFAULT_KV_BYTES = 4 * 2**30  # like vLLM's CPU KV space default
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.source = resolve_model(config.model)
+        hf = self.source.config
+        check_supported(hf)
+        total_layers = hf.num_hidden_layers
+        num_layers = config.num_layers if config.num_layers is not None else total_layers
+        if not 1 <= num_layers <= total_layers:
+            raise ValueError(f"num_layers={num_layers} is outside 1..{total_layers} (the model's layer count)")
+        max_positions = getattr(hf, "max_position_embeddings", None) or 2048
+        self.max_model_len = config.max_model_len or max_positions
+        if self.max_model_len > max_positions:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({max_positions})")
+        checkpoint = Checkpoint(self.source.path)
+        probe = checkpoint.find("model.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                                "embed_tokens.weight", "decoder.embed_tokens.weight")
+        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype_of(probe) if probe else None)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot load a tokenizer from {self.source.path}: {e}") from e
+
+        self.model = load_model(hf, checkpoint, num_layers, self.max_model_len, self.dtype, self.device,
+                                PagedAttentionOps(self.device))
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, self.max_model_len)
+        self.kv_bytes_per_token = kv_bytes_per_token(num_layers, self.model.num_kv_heads, self.model.head_dim,
+                                                     self.dtype)
+        num_blocks = self._num_blocks()
+        blocks_per_max_seq = -(-self.max_model_len // config.block_size)
+        if num_blocks < blocks_per_max_seq:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one sequence of "
+                    f"max_model_len={self.max_model_len}: raise memory_budget/kv_cache_blocks or lower max_model_len")
+            if num_blocks < 1:
+                raise ValueError("memory_budget leaves no room for the KV cache after the weights")
+            self.max_model_len = num_blocks * config.block_size
+            logger.warning("max_model_len lowered to %d to fit the KV pool", self.max_model_len)
+        self.kv_cache = KVCache(num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
+                                self.model.head_dim, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed)
+        self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens)
+        self.eos_token_ids = self._eos_ids()
+        self._request_ids = itertools.count()
+        self.num_generated_tokens = 0
+
+    def _activation_bytes(self) -> int:
+        m, size = self.model, torch.empty((), dtype=self.dtype).element_size()
+        per_token = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 6 * m.hidden_size
+        mlp = getattr(self.source.config, "intermediate_size", None) or getattr(self.source.config, "ffn_dim", 0)
+        logits = self.config.max_num_seqs * m.vocab_size * 4
+        return self.max_num_batched_tokens * (per_token + 3 * mlp) * size + logits
+
+    def _num_blocks(self) -> int:
+        if self.config.kv_cache_blocks is not None:
+            return self.config.kv_cache_blocks
+        weights = self.model.weight_bytes
+        activations = self._activation_bytes()
+        if self.config.memory_budget is not None:
+            budget = self.config.memory_budget
+        elif self.device.type == "cuda":
+            budget = int(0.9 * device_total_memory(self.device))
+        else:
+            kv = min(CPU_DEFAULT_KV_BYTES, device_total_memory(self.device) // 4)
+            budget = weights + activations + kv
+        if budget <= weights + activations:
+            raise ValueError(
+                f"memory_budget={format_bytes(budget)} does not cover the weights of {self.model.loaded_layers} "
+                f"layers ({format_bytes(weights)}) plus activations ({format_bytes(activations)})")
+        return blocks_for_budget(budget, weights, activations, self.kv_bytes_per_token, self.config.block_size)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.source.config, getattr(self.tokenizer, "eos_token_id", None)):
+            value = getattr(source, "eos_token_id", source) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    # ---- requests -----------------------------------------------------------------------------
+    def make_sequence(self, prompt, params: SamplingParams) -> Sequence:
+        """Validates one request and tokenizes it; raises without touching engine state."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        token_ids = self.tokenizer.encode(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty after tokenization")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, longer than max_model_len={self.max_model_len} "
+                             "allows (it needs room for at least one generated token)")
+        if any(t >= self.model.vocab_size for t in params.stop_token_ids or []):
+            raise ValueError(f"SamplingParams.stop_token_ids has ids >= vocab size {self.model.vocab_size}")
+        return Sequence(str(next(self._request_ids)), prompt, token_ids, params)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Runs one batch; returns the sequences that advanced (each gained exactly one token)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.step(batch)
+        advanced = []
+        for item, token in zip(batch, tokens):
+            seq = item.seq
+            seq.token_ids.append(token)
+            self.num_generated_tokens += 1
+            self._check_finished(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            advanced.append(seq)
+        return advanced
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif p.stop and self._stop_string_end(seq) is not None:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _stop_string_end(self, seq: Sequence) -> int | None:
+        text = self.decode(seq.output_token_ids)
+        hits = [text.find(s) for s in seq.params.stop if s in text]
+        if hits:
+            seq.stop_text_end = min(hits)
+            return seq.stop_text_end
+        return None
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def output_text(self, seq: Sequence) -> str:
+        text = self.decode(seq.output_token_ids)
+        return text[: seq.stop_text_end] if seq.stop_text_end is not None else text
+
+    def to_output(self, seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(0, self.output_text(seq), seq.output_token_ids, seq.finish_reason)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],
+                             finished=seq.finish_reason is not None)
+
+    def stats(self) -> dict:
+        kv = self.kv_cache
+        blocks_per_seq = -(-self.max_model_len // kv.block_size)
+        return {
+            "model": self.source.name,
+            "model_path": str(self.source.path),
+            "architecture": self.model.model_type,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "total_layers": self.model.total_layers,
+            "loaded_layers": self.model.loaded_layers,
+            "weight_bytes": self.model.weight_bytes,
+            "kv_cache_bytes": kv.total_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "block_size": kv.block_size,
+            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_free": kv.allocator.num_free,
+            "max_model_len": self.max_model_len,
+            "max_concurrent_seqs": min(self.config.max_num_seqs, kv.num_blocks // blocks_per_seq),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_generated_tokens": self.num_generated_tokens,
+            "attention_backend": self.model.ops.backend,
+        }

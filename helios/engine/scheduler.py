@@ -1,0 +1,91 @@
+"""Continuous batching over the paged KV cache (nano-vllm's policy, vLLM v1's mixed steps).
+
+Each step: running sequences decode one token each (oldest first); when a sequence needs a block and
+none is free, the newest running sequence is preempted by recompute (blocks freed, re-queued at the
+front, re-prefilled later). Then waiting sequences are admitted whole while blocks, the token budget
+and max_num_seqs allow. Nothing is dropped: a preempted sequence keeps its generated tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from helios.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens to compute this step (whole uncomputed prefix for prefill, 1 for decode)
+
+
+class Scheduler:
+    def __init__(self, allocator, max_num_seqs: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free_sequence(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        scheduled: list[ScheduledSeq] = []
+        budget = self.max_num_batched_tokens
+        # 1. decode the running sequences, preempting the newest when blocks run out
+        kept: deque[Sequence] = deque()
+        while self.running:
+            seq = self.running.popleft()
+            while not self.allocator.can_hold(seq.seq_id, seq.num_tokens):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.allocator.ensure_capacity(seq.seq_id, seq.num_tokens)
+                scheduled.append(ScheduledSeq(seq, seq.num_tokens - seq.num_computed_tokens))
+                budget -= scheduled[-1].num_new_tokens
+                kept.append(seq)
+        self.running = kept
+        # 2. admit waiting sequences whole (a preempted one recomputes prompt + generated tokens)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            new_tokens = seq.num_tokens - seq.num_computed_tokens
+            if new_tokens > budget and scheduled:
+                break
+            # Keep one block per running sequence in reserve so admission does not force preemption next step.
+            reserve = len(self.running)
+            if self.allocator.blocks_needed(seq.seq_id, seq.num_tokens) + reserve > self.allocator.num_free:
+                if self.running or scheduled:
+                    break
+                if not self.allocator.can_hold(seq.seq_id, seq.num_tokens):
+                    raise RuntimeError(f"sequence of {seq.num_tokens} tokens cannot fit in an empty KV pool "
+                                       f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
+            self.waiting.popleft()
+            self.allocator.ensure_capacity(seq.seq_id, seq.num_tokens)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, new_tokens))
+            budget -= new_tokens
+        return scheduled
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        self.allocator.free_sequence(seq.seq_id)
+        self.running.remove(seq)

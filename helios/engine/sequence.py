@@ -1,0 +1,56 @@
+"""A request's sequence: tokens so far, how many are in the KV cache, and why it finished."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from helios.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt + generated
+        self.params = params
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache; reset to 0 by preemption
+        self.finish_reason: str | None = None
+        self.stop_text_end: int | None = None  # where a stop string begins in the generated text
+        self.num_preemptions = 0
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,48 @@
+"""What every architecture provides to the runner: layer-by-layer forward over the paged cache."""
+
+from __future__ import annotations
+
+import torch
+
+from helios.model.layers import Norm
+from helios.ops import AttentionMetadata, PagedAttentionOps
+
+
+class DecoderModel:
+    """Layers 1..loaded_layers of a decoder-only LM. Subclasses fill the weights and define the layer math."""
+
+    model_type: str
+    total_layers: int
+    loaded_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    weight_bytes: int
+    final_norm: Norm | None
+    lm_head: torch.Tensor  # [vocab, d_head_input]
+
+    def __init__(self, ops: PagedAttentionOps):
+        self.ops = ops
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+              meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (and any output projection) before the LM head."""
+        return self.final_norm(hidden) if self.final_norm is not None else hidden
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed(input_ids, positions)
+        for i in range(self.loaded_layers):
+            hidden = self.layer(i, hidden, positions, kv_caches[i], meta)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.head_input(hidden), self.lm_head)

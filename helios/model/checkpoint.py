@@ -1,0 +1,70 @@
+"""Lazy by-name reader of Hugging Face safetensors checkpoints (single file or sharded).
+
+Only the tensors asked for are read, so loading layers 1..N never touches the bytes of deeper layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+
+class Checkpoint:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
+            files = sorted({self.directory / f for f in weight_map.values()})
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"no *.safetensors weights in {self.directory} (helios reads safetensors or .gguf checkpoints)"
+            )
+        self._handles = {}
+        self._file_of: dict[str, Path] = {}
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint shard {path} listed in the index is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ValueError(f"checkpoint file {path} is truncated or corrupt: {e}") from e
+            self._handles[path] = handle
+            for name in handle.keys():
+                self._file_of[name] = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def find(self, *candidates: str) -> str | None:
+        """First of the candidate names present (checkpoints differ in their 'model.' prefixes)."""
+        return next((name for name in candidates if name in self._file_of), None)
+
+    def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        path = self._file_of.get(name)
+        if path is None:
+            raise ValueError(f"checkpoint {self.directory} has no tensor {name!r} (truncated, or another architecture?)")
+        try:
+            tensor = self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"cannot read {name!r} from {path}: the file is truncated or corrupt ({e})") from e
+        return tensor.to(device=device, dtype=dtype)
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        """Stored dtype of a tensor (None when absent or not a float type helios serves)."""
+        path = self._file_of.get(name)
+        if path is None:
+            return None
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(
+            self._handles[path].get_slice(name).get_dtype())

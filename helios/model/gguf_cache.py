@@ -1,0 +1,65 @@
+"""GGUF → safetensors conversion, cached under ~/.cache/helios (override: HELIOS_CACHE).
+
+transformers (with the gguf package) parses and dequantizes; helios only writes the result as an
+ordinary HF directory, so the second load reads safetensors lazily like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HELIOS_CACHE") or Path.home() / ".cache" / "helios")
+
+
+def _cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Returns an HF directory (config, tokenizer, model.safetensors) holding the dequantized GGUF model."""
+    gguf_path = Path(gguf_path)
+    target = _cache_dir(gguf_path)
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ImportError("loading .gguf files needs the gguf package: `pip install gguf`") from e
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    print(f"helios: converting {gguf_path.name} to safetensors in {target} (first load only)", flush=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        with torch.device("meta"):  # only for the GGUF → HF tensor-name mapping; allocates nothing
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, OSError, EOFError, IndexError) as e:
+        raise ValueError(f"cannot read GGUF file {gguf_path}: {e}") from e
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt", "source": name})
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # atomic: a crash never leaves a half-written cache entry behind
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,101 @@
+"""Building blocks shared by the architectures: norms, rotary embedding, weight loading helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from helios.model.checkpoint import Checkpoint
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same op order as transformers' LlamaRMSNorm (fp32 statistics, cast back before the weight).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@dataclass
+class Norm:
+    """A model's norm as data, so that exit heads can fuse it: kind 'rms' or 'layer'."""
+
+    kind: str
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for positions [0, max_positions), indexed by each token's position."""
+
+    def __init__(self, config, head_dim: int, max_positions: int, dtype: torch.dtype, device: torch.device):
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(f"rope_type {rope_type!r} is not supported")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        cos = self.cos[positions].unsqueeze(1)  # [tokens, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+
+
+class WeightReader:
+    """Reads named tensors of one checkpoint in the serving dtype/device and counts the bytes loaded."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefixes: tuple[str, ...]):
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        self.device = device
+        self.prefixes = prefixes  # e.g. ("model.", "") so that both saved layouts load
+        self.bytes_loaded = 0
+
+    def name(self, suffix: str) -> str | None:
+        return self.checkpoint.find(*(p + suffix for p in self.prefixes))
+
+    def has(self, suffix: str) -> bool:
+        return self.name(suffix) is not None
+
+    def get(self, suffix: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        name = self.name(suffix)
+        if name is None:
+            raise ValueError(
+                f"checkpoint {self.checkpoint.directory} has no tensor {suffix!r} "
+                f"(tried prefixes {list(self.prefixes)}): truncated, or not this architecture?"
+            )
+        tensor = self.checkpoint.get(name, self.dtype, self.device)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
+        self.bytes_loaded += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def maybe(self, suffix: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        return self.get(suffix, shape) if self.has(suffix) else None

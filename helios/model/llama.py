@@ -1,0 +1,115 @@
+"""Llama family: Llama, SmolLM2, Mistral, Qwen2 (q/k/v bias). RMSNorm, RoPE, gated MLP, GQA.
+
+Packed projections (q|k|v and gate|up) are concatenated at load time: one matmul instead of three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from helios.model.base import DecoderModel
+from helios.model.layers import Norm, RotaryEmbedding, WeightReader, rms_norm
+from helios.ops import AttentionMetadata, PagedAttentionOps
+
+
+@dataclass
+class LlamaLayer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    sliding_window: int
+
+
+def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if all(t is None for t in tensors):
+        return None
+    if any(t is None for t in tensors):
+        raise ValueError("checkpoint has biases for only some of the packed projections")
+    return torch.cat(tensors)
+
+
+class LlamaModel(DecoderModel):
+    def __init__(self, config, reader: WeightReader, num_layers: int, max_positions: int, ops: PagedAttentionOps):
+        super().__init__(ops)
+        self.model_type = config.model_type
+        self.total_layers = config.num_hidden_layers
+        self.loaded_layers = num_layers
+        self.hidden_size = d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or d // self.num_heads
+        self.vocab_size = config.vocab_size
+        self.eps = config.rms_norm_eps
+        self.act = ACT2FN[config.hidden_act]
+        self.scale = self.head_dim**-0.5
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        inter = config.intermediate_size
+        attn_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None) or -1
+
+        self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
+        self.layers: list[LlamaLayer] = []
+        for i in range(num_layers):
+            p = f"layers.{i}."
+            bias = (lambda n, shape: reader.get(p + n, shape)) if attn_bias else (lambda n, shape: None)
+            sliding = layer_types is None and config.model_type == "mistral" or (
+                layer_types is not None and layer_types[i] == "sliding_attention")
+            self.layers.append(LlamaLayer(
+                input_norm=reader.get(p + "input_layernorm.weight", (d,)),
+                qkv=torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
+                               reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
+                               reader.get(p + "self_attn.v_proj.weight", (kv_out, d))]),
+                qkv_bias=_cat_optional([bias("self_attn.q_proj.bias", (q_out,)), bias("self_attn.k_proj.bias", (kv_out,)),
+                                        bias("self_attn.v_proj.bias", (kv_out,))]),
+                o_proj=reader.get(p + "self_attn.o_proj.weight", (d, q_out)),
+                o_bias=reader.maybe(p + "self_attn.o_proj.bias", (d,)),
+                post_norm=reader.get(p + "post_attention_layernorm.weight", (d,)),
+                gate_up=torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
+                                   reader.get(p + "mlp.up_proj.weight", (inter, d))]),
+                gate_up_bias=_cat_optional([reader.maybe(p + "mlp.gate_proj.bias", (inter,)),
+                                            reader.maybe(p + "mlp.up_proj.bias", (inter,))]),
+                down=reader.get(p + "mlp.down_proj.weight", (d, inter)),
+                down_bias=reader.maybe(p + "mlp.down_proj.bias", (d,)),
+                sliding_window=window if sliding else -1,
+            ))
+        self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
+        head = reader.checkpoint.find("lm_head.weight")
+        if head is not None and not getattr(config, "tie_word_embeddings", False):
+            self.lm_head = reader.checkpoint.get(head, reader.dtype, reader.device)
+            reader.bytes_loaded += self.lm_head.numel() * self.lm_head.element_size()
+        else:
+            self.lm_head = self.embed_tokens
+        self.weight_bytes = reader.bytes_loaded
+        self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device)
+        self.qkv_split = (q_out, kv_out, kv_out)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def layer(self, index, hidden, positions, kv, meta: AttentionMetadata):
+        w = self.layers[index]
+        tokens = hidden.shape[0]
+        x = rms_norm(hidden, w.input_norm, self.eps)
+        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(self.qkv_split, dim=-1)
+        q, k = self.rotary(q.view(tokens, self.num_heads, self.head_dim),
+                           k.view(tokens, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv
+        self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        attn = self.ops.attention(q, key_cache, value_cache, meta, self.scale, w.sliding_window)
+        hidden = hidden + F.linear(attn.view(tokens, -1), w.o_proj, w.o_bias)
+        x = rms_norm(hidden, w.post_norm, self.eps)
+        gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return hidden + F.linear(self.act(gate) * up, w.down, w.down_bias)

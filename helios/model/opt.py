@@ -1,0 +1,120 @@
+"""OPT (the HELIOS paper's models): learned positions (offset 2), LayerNorm, ReLU MLP, biases everywhere.
+
+Covers do_layer_norm_before=False (OPT-350m: post-norm, no final norm) and word_embed_proj_dim !=
+hidden_size (project_in / project_out around the decoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from helios.model.base import DecoderModel
+from helios.model.layers import Norm, WeightReader
+from helios.ops import AttentionMetadata, PagedAttentionOps
+
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
+
+
+@dataclass
+class OPTLayer:
+    attn_norm: Norm
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out_proj: torch.Tensor
+    out_bias: torch.Tensor | None
+    mlp_norm: Norm
+    fc1: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2: torch.Tensor
+    fc2_bias: torch.Tensor | None
+
+
+class OPTModel(DecoderModel):
+    def __init__(self, config, reader: WeightReader, num_layers: int, max_positions: int, ops: PagedAttentionOps):
+        super().__init__(ops)
+        self.model_type = "opt"
+        self.total_layers = config.num_hidden_layers
+        self.loaded_layers = num_layers
+        self.hidden_size = d = config.hidden_size
+        self.num_heads = self.num_kv_heads = config.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.vocab_size = config.vocab_size
+        self.scale = self.head_dim**-0.5
+        self.pre_norm = config.do_layer_norm_before
+        self.act = ACT2FN[config.activation_function]
+        proj_dim = config.word_embed_proj_dim
+        ffn = config.ffn_dim
+        affine = getattr(config, "layer_norm_elementwise_affine", True)
+        bias = getattr(config, "enable_bias", True)
+
+        def norm(prefix: str) -> Norm:
+            weight = reader.get(prefix + ".weight", (d,)) if affine else None
+            return Norm("layer", weight, reader.get(prefix + ".bias", (d,)) if affine else None, 1e-5)
+
+        def b(name: str, shape) -> torch.Tensor | None:
+            return reader.get(name, shape) if bias else None
+
+        self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, proj_dim))
+        self.embed_positions = reader.get("embed_positions.weight")
+        self.project_in = reader.get("project_in.weight", (d, proj_dim)) if proj_dim != d else None
+        self.project_out = reader.get("project_out.weight", (proj_dim, d)) if proj_dim != d else None
+        self.layers: list[OPTLayer] = []
+        for i in range(num_layers):
+            p = f"layers.{i}."
+            qkv_bias = [b(p + f"self_attn.{n}_proj.bias", (d,)) for n in "qkv"]
+            self.layers.append(OPTLayer(
+                attn_norm=norm(p + "self_attn_layer_norm"),
+                qkv=torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
+                qkv_bias=torch.cat(qkv_bias) if bias else None,
+                out_proj=reader.get(p + "self_attn.out_proj.weight", (d, d)),
+                out_bias=b(p + "self_attn.out_proj.bias", (d,)),
+                mlp_norm=norm(p + "final_layer_norm"),
+                fc1=reader.get(p + "fc1.weight", (ffn, d)), fc1_bias=b(p + "fc1.bias", (ffn,)),
+                fc2=reader.get(p + "fc2.weight", (d, ffn)), fc2_bias=b(p + "fc2.bias", (d,)),
+            ))
+        has_final = self.pre_norm and not getattr(config, "_remove_final_layer_norm", False)
+        self.final_norm = norm("final_layer_norm") if has_final else None
+        head = reader.checkpoint.find("lm_head.weight")
+        if head is not None and not getattr(config, "tie_word_embeddings", True):
+            self.lm_head = reader.checkpoint.get(head, reader.dtype, reader.device)
+            reader.bytes_loaded += self.lm_head.numel() * self.lm_head.element_size()
+        else:
+            self.lm_head = self.embed_tokens
+        self.weight_bytes = reader.bytes_loaded
+        if max_positions > self.embed_positions.shape[0] - POSITION_OFFSET:
+            raise ValueError(f"max_model_len={max_positions} exceeds OPT's learned positions "
+                             f"({self.embed_positions.shape[0] - POSITION_OFFSET})")
+
+    def embed(self, input_ids, positions):
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        if self.project_in is not None:
+            hidden = F.linear(hidden, self.project_in)
+        return hidden + F.embedding(positions + POSITION_OFFSET, self.embed_positions)
+
+    def layer(self, index, hidden, positions, kv, meta: AttentionMetadata):
+        w = self.layers[index]
+        tokens = hidden.shape[0]
+        x = w.attn_norm(hidden) if self.pre_norm else hidden
+        q, k, v = F.linear(x, w.qkv, w.qkv_bias).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        key_cache, value_cache = kv
+        self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        attn = self.ops.attention(q.contiguous(), key_cache, value_cache, meta, self.scale)
+        hidden = hidden + F.linear(attn.view(tokens, -1), w.out_proj, w.out_bias)
+        if not self.pre_norm:
+            hidden = w.attn_norm(hidden)
+        x = w.mlp_norm(hidden) if self.pre_norm else hidden
+        hidden = hidden + F.linear(self.act(F.linear(x, w.fc1, w.fc1_bias)), w.fc2, w.fc2_bias)
+        if not self.pre_norm:
+            hidden = w.mlp_norm(hidden)
+        return hidden
+
+    def head_input(self, hidden):
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        if self.project_out is not None:
+            hidden = F.linear(hidden, self.project_out)
+        return hidden

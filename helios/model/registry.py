@@ -1,0 +1,36 @@
+"""model_type → architecture class, and the one place that builds a model from a checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from helios.model.base import DecoderModel
+from helios.model.checkpoint import Checkpoint
+from helios.model.layers import WeightReader
+from helios.model.llama import LlamaModel
+from helios.model.opt import OPTModel
+from helios.ops import PagedAttentionOps
+
+# model_type -> (class, tensor-name prefixes tried in order)
+ARCHITECTURES: dict[str, tuple[type[DecoderModel], tuple[str, ...]]] = {
+    "llama": (LlamaModel, ("model.", "")),
+    "mistral": (LlamaModel, ("model.", "")),
+    "qwen2": (LlamaModel, ("model.", "")),
+    "opt": (OPTModel, ("model.decoder.", "decoder.", "")),
+}
+SUPPORTED = sorted(ARCHITECTURES)
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        archs = getattr(config, "architectures", None) or []
+        raise ValueError(f"unsupported architecture {model_type!r} {archs}; helios supports: {', '.join(SUPPORTED)}")
+
+
+def load_model(config, checkpoint: Checkpoint, num_layers: int, max_positions: int, dtype: torch.dtype,
+               device: torch.device, ops: PagedAttentionOps) -> DecoderModel:
+    check_supported(config)
+    cls, prefixes = ARCHITECTURES[config.model_type]
+    reader = WeightReader(checkpoint, dtype, device, prefixes)
+    return cls(config, reader, num_layers, max_positions, ops)

@@ -1,0 +1,99 @@
+"""Paged KV store and varlen causal paged attention.
+
+native: plain torch, written from the definition; the oracle in tests and the path without helios._C.
+ext:    helios._C (C++ on CPU, CUDA kernels on GPU), registered as torch.ops.helios.*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs (vLLM names). One entry per sequence unless said otherwise."""
+
+    slot_mapping: torch.Tensor  # int64 [tokens]: cache slot of each new token, -1 = skip
+    block_tables: torch.Tensor  # int32 [seqs, max_blocks], padded with 0 past each table's end
+    seq_lens: torch.Tensor  # int32 [seqs]: context length incl. this step's tokens
+    query_start_loc: torch.Tensor  # int32 [seqs + 1]: offsets of each sequence's tokens in the flat batch
+    seq_lens_host: list[int] | None = None  # the same on the host, for the native path (no device syncs)
+    query_start_loc_host: list[int] | None = None
+
+
+def store_kv_native(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    key_cache.view(-1, kv_heads, head_dim)[slots] = key[keep]
+    value_cache.view(-1, kv_heads, head_dim)[slots] = value[keep]
+
+
+def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float, sliding_window: int = -1) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + causal mask) · v for each sequence, gathering K/V through its block table."""
+    out = torch.empty_like(query)
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = query.shape[1] // kv_heads
+    seq_lens = meta.seq_lens_host or meta.seq_lens.tolist()
+    qsl = meta.query_start_loc_host or meta.query_start_loc.tolist()
+    for s, ctx in enumerate(seq_lens):
+        start, end = qsl[s], qsl[s + 1]
+        if end == start:
+            continue
+        positions = torch.arange(ctx, device=query.device)
+        slots = meta.block_tables[s].long()[positions // block_size] * block_size + positions % block_size
+        k = key_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)  # [ctx, heads, dim]
+        v = value_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)
+        q = query[start:end].float()  # [q_len, heads, dim]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = torch.arange(ctx - (end - start), ctx, device=query.device)
+        allowed = positions[None, :] <= q_pos[:, None]
+        if sliding_window > 0:
+            allowed &= positions[None, :] > q_pos[:, None] - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(query.dtype)
+    return out
+
+
+class PagedAttentionOps:
+    """store_kv + paged_attention bound to one implementation for the life of a model runner."""
+
+    def __init__(self, device: torch.device, backend: str | None = None):
+        if backend is None:
+            from helios._ext import extension_available
+
+            backend = "ext" if extension_available() and self._ext_supports(device) else "native"
+        if backend not in {"ext", "native"}:
+            raise ValueError(f"attention backend must be 'ext' or 'native', got {backend!r}")
+        if backend == "ext":
+            from helios._ext import load_extension
+
+            load_extension()
+        self.backend = backend
+
+    @staticmethod
+    def _ext_supports(device: torch.device) -> bool:
+        if device.type == "cpu":
+            return True
+        from helios._ext import load_extension
+
+        return bool(load_extension().built_with_cuda)
+
+    def store_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
+        if self.backend == "ext":
+            torch.ops.helios.store_kv(key, value, key_cache, value_cache, slot_mapping)
+        else:
+            store_kv_native(key, value, key_cache, value_cache, slot_mapping)
+
+    def attention(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float,
+                  sliding_window: int = -1) -> torch.Tensor:
+        if self.backend == "native":
+            return paged_attention_native(query, key_cache, value_cache, meta, scale, sliding_window)
+        out = torch.empty_like(query)
+        torch.ops.helios.paged_attention(out, query, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                         meta.query_start_loc, scale, sliding_window)
+        return out

@@ -1,0 +1,51 @@
+"""Device and dtype resolution shared by the engine, CLI and tests."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        resolved = device
+    elif isinstance(device, str):
+        if device == "auto":
+            return torch.device("cuda" if has_cuda() else "cpu")
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu' or 'cuda[:N]'") from e
+    else:
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    if resolved.type not in {"cpu", "cuda"}:
+        raise ValueError(f"device={device!r}: helios runs on 'cpu' and 'cuda'")
+    if resolved.type == "cuda" and not has_cuda():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """'auto' = float32 on CPU (exact parity; pass 'bfloat16' for speed), the checkpoint's half type on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in set(_DTYPES.values()):
+            raise ValueError(f"dtype={dtype} is not supported: use float32, bfloat16 or float16")
+        return dtype
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a string or torch.dtype, got {type(dtype).__name__}")
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype.lower() not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return _DTYPES[dtype.lower()]

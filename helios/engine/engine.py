@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from helios.config import EngineConfig
 from helios.engine.outputs import CompletionOutput, RequestOutput
-from helios.engine.scheduler import Scheduler
+from helios.engine.scheduler import ScheduledSeq, Scheduler
 from helios.engine.sequence import Sequence
 from helios.kv.cache import KVCache, blocks_for_budget, kv_bytes_per_token
 from helios.model.checkpoint import Checkpoint
@@ -172,6 +172,23 @@ class LLMEngine:
             seq.stop_text_end = min(hits)
             return seq.stop_text_end
         return None
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced float32 logits [len(token_ids), vocab] through the loaded layers (uses free KV blocks)."""
+        if self.has_unfinished():
+            raise RuntimeError("prompt_logits needs an idle engine")
+        seq = Sequence("score", "", token_ids, SamplingParams(max_tokens=1))
+        allocator = self.kv_cache.allocator
+        if not allocator.can_hold(seq.seq_id, seq.num_tokens):
+            raise ValueError(f"{seq.num_tokens} tokens do not fit in the free KV blocks")
+        allocator.ensure_capacity(seq.seq_id, seq.num_tokens)
+        try:
+            input_ids, positions, meta, _ = self.runner.prepare([ScheduledSeq(seq, seq.num_tokens)])
+            hidden = self.model.forward(input_ids, positions, self.kv_cache.layers(), meta)
+            return self.model.compute_logits(hidden).float()
+        finally:
+            allocator.free_sequence(seq.seq_id)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -20,6 +20,7 @@ class DecoderModel:
     head_dim: int
     vocab_size: int
     weight_bytes: int
+    num_parameters: int
     final_norm: Norm | None
     lm_head: torch.Tensor  # [vocab, d_head_input]
 

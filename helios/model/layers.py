@@ -77,6 +77,7 @@ class WeightReader:
         self.device = device
         self.prefixes = prefixes  # e.g. ("model.", "") so that both saved layouts load
         self.bytes_loaded = 0
+        self.params_loaded = 0
 
     def name(self, suffix: str) -> str | None:
         return self.checkpoint.find(*(p + suffix for p in self.prefixes))
@@ -94,8 +95,12 @@ class WeightReader:
         tensor = self.checkpoint.get(name, self.dtype, self.device)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
-        self.bytes_loaded += tensor.numel() * tensor.element_size()
+        self.count(tensor)
         return tensor
+
+    def count(self, tensor: torch.Tensor) -> None:
+        self.bytes_loaded += tensor.numel() * tensor.element_size()
+        self.params_loaded += tensor.numel()
 
     def maybe(self, suffix: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
         return self.get(suffix, shape) if self.has(suffix) else None

@@ -88,10 +88,11 @@ class LlamaModel(DecoderModel):
         head = reader.checkpoint.find("lm_head.weight")
         if head is not None and not getattr(config, "tie_word_embeddings", False):
             self.lm_head = reader.checkpoint.get(head, reader.dtype, reader.device)
-            reader.bytes_loaded += self.lm_head.numel() * self.lm_head.element_size()
+            reader.count(self.lm_head)
         else:
             self.lm_head = self.embed_tokens
         self.weight_bytes = reader.bytes_loaded
+        self.num_parameters = reader.params_loaded
         self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device)
         self.qkv_split = (q_out, kv_out, kv_out)
 

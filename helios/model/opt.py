@@ -81,10 +81,11 @@ class OPTModel(DecoderModel):
         head = reader.checkpoint.find("lm_head.weight")
         if head is not None and not getattr(config, "tie_word_embeddings", True):
             self.lm_head = reader.checkpoint.get(head, reader.dtype, reader.device)
-            reader.bytes_loaded += self.lm_head.numel() * self.lm_head.element_size()
+            reader.count(self.lm_head)
         else:
             self.lm_head = self.embed_tokens
         self.weight_bytes = reader.bytes_loaded
+        self.num_parameters = reader.params_loaded
         if max_positions > self.embed_positions.shape[0] - POSITION_OFFSET:
             raise ValueError(f"max_model_len={max_positions} exceeds OPT's learned positions "
                              f"({self.embed_positions.shape[0] - POSITION_OFFSET})")

@@ -51,7 +51,7 @@ def test_paged_attention_matches_reference(case, dtype, window):
     seq_lens, q_lens, heads, kv_heads, dim, block_size = case
     query, kc, vc, meta = random_batch(seq_lens, q_lens, heads, kv_heads, dim, block_size, dtype)
     scale = dim**-0.5
-    got = PagedAttentionOps(torch.device("cpu"), backend="ext").attention(query, kc, vc, meta, scale, window)
+    got = PagedAttentionOps(torch.device("cpu"), backend="ext").paged_attention(query, kc, vc, meta, scale, window)
     want = reference(query, kc, vc, meta, scale, window)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])

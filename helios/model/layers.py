@@ -21,6 +21,23 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+class Linear:
+    """y = x·Wᵀ + b with W stored pre-transposed ([in, out]): MKL's skinny GEMMs run 5-15% faster that way."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight_t = weight.t().contiguous()
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_t.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+
 @dataclass
 class Norm:
     """A model's norm as data, so that exit heads can fuse it: kind 'rms' or 'layer'."""

@@ -12,22 +12,18 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from helios.model.base import DecoderModel
-from helios.model.layers import Norm, RotaryEmbedding, WeightReader, rms_norm
+from helios.model.layers import Linear, Norm, RotaryEmbedding, WeightReader, rms_norm
 from helios.ops import AttentionMetadata, PagedAttentionOps
 
 
 @dataclass
 class LlamaLayer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Linear
+    down: Linear
     sliding_window: int
 
 
@@ -68,20 +64,21 @@ class LlamaModel(DecoderModel):
                 layer_types is not None and layer_types[i] == "sliding_attention")
             self.layers.append(LlamaLayer(
                 input_norm=reader.get(p + "input_layernorm.weight", (d,)),
-                qkv=torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
-                               reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
-                               reader.get(p + "self_attn.v_proj.weight", (kv_out, d))]),
-                qkv_bias=_cat_optional([bias("self_attn.q_proj.bias", (q_out,)), bias("self_attn.k_proj.bias", (kv_out,)),
-                                        bias("self_attn.v_proj.bias", (kv_out,))]),
-                o_proj=reader.get(p + "self_attn.o_proj.weight", (d, q_out)),
-                o_bias=reader.maybe(p + "self_attn.o_proj.bias", (d,)),
+                qkv=Linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
+                                      reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
+                                      reader.get(p + "self_attn.v_proj.weight", (kv_out, d))]),
+                           _cat_optional([bias("self_attn.q_proj.bias", (q_out,)),
+                                          bias("self_attn.k_proj.bias", (kv_out,)),
+                                          bias("self_attn.v_proj.bias", (kv_out,))])),
+                o_proj=Linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out)),
+                              reader.maybe(p + "self_attn.o_proj.bias", (d,))),
                 post_norm=reader.get(p + "post_attention_layernorm.weight", (d,)),
-                gate_up=torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
-                                   reader.get(p + "mlp.up_proj.weight", (inter, d))]),
-                gate_up_bias=_cat_optional([reader.maybe(p + "mlp.gate_proj.bias", (inter,)),
-                                            reader.maybe(p + "mlp.up_proj.bias", (inter,))]),
-                down=reader.get(p + "mlp.down_proj.weight", (d, inter)),
-                down_bias=reader.maybe(p + "mlp.down_proj.bias", (d,)),
+                gate_up=Linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
+                                          reader.get(p + "mlp.up_proj.weight", (inter, d))]),
+                               _cat_optional([reader.maybe(p + "mlp.gate_proj.bias", (inter,)),
+                                              reader.maybe(p + "mlp.up_proj.bias", (inter,))])),
+                down=Linear(reader.get(p + "mlp.down_proj.weight", (d, inter)),
+                            reader.maybe(p + "mlp.down_proj.bias", (d,))),
                 sliding_window=window if sliding else -1,
             ))
         self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
@@ -103,14 +100,14 @@ class LlamaModel(DecoderModel):
         w = self.layers[index]
         tokens = hidden.shape[0]
         x = rms_norm(hidden, w.input_norm, self.eps)
-        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(self.qkv_split, dim=-1)
+        q, k, v = w.qkv(x).split(self.qkv_split, dim=-1)
         q, k = self.rotary(q.view(tokens, self.num_heads, self.head_dim),
                            k.view(tokens, self.num_kv_heads, self.head_dim), positions)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv
         self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
-        attn = self.ops.attention(q, key_cache, value_cache, meta, self.scale, w.sliding_window)
-        hidden = hidden + F.linear(attn.view(tokens, -1), w.o_proj, w.o_bias)
+        attn = self.ops.attention(q, k, v, key_cache, value_cache, meta, self.scale, w.sliding_window)
+        hidden = hidden + w.o_proj(attn.view(tokens, -1))
         x = rms_norm(hidden, w.post_norm, self.eps)
-        gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return hidden + F.linear(self.act(gate) * up, w.down, w.down_bias)
+        gate, up = w.gate_up(x).chunk(2, dim=-1)
+        return hidden + w.down(self.act(gate) * up)

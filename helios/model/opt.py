@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from helios.model.base import DecoderModel
-from helios.model.layers import Norm, WeightReader
+from helios.model.layers import Linear, Norm, WeightReader
 from helios.ops import AttentionMetadata, PagedAttentionOps
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -22,15 +22,11 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 @dataclass
 class OPTLayer:
     attn_norm: Norm
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    out_proj: torch.Tensor
-    out_bias: torch.Tensor | None
+    qkv: Linear
+    out_proj: Linear
     mlp_norm: Norm
-    fc1: torch.Tensor
-    fc1_bias: torch.Tensor | None
-    fc2: torch.Tensor
-    fc2_bias: torch.Tensor | None
+    fc1: Linear
+    fc2: Linear
 
 
 class OPTModel(DecoderModel):
@@ -68,13 +64,12 @@ class OPTModel(DecoderModel):
             qkv_bias = [b(p + f"self_attn.{n}_proj.bias", (d,)) for n in "qkv"]
             self.layers.append(OPTLayer(
                 attn_norm=norm(p + "self_attn_layer_norm"),
-                qkv=torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
-                qkv_bias=torch.cat(qkv_bias) if bias else None,
-                out_proj=reader.get(p + "self_attn.out_proj.weight", (d, d)),
-                out_bias=b(p + "self_attn.out_proj.bias", (d,)),
+                qkv=Linear(torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
+                           torch.cat(qkv_bias) if bias else None),
+                out_proj=Linear(reader.get(p + "self_attn.out_proj.weight", (d, d)), b(p + "self_attn.out_proj.bias", (d,))),
                 mlp_norm=norm(p + "final_layer_norm"),
-                fc1=reader.get(p + "fc1.weight", (ffn, d)), fc1_bias=b(p + "fc1.bias", (ffn,)),
-                fc2=reader.get(p + "fc2.weight", (d, ffn)), fc2_bias=b(p + "fc2.bias", (d,)),
+                fc1=Linear(reader.get(p + "fc1.weight", (ffn, d)), b(p + "fc1.bias", (ffn,))),
+                fc2=Linear(reader.get(p + "fc2.weight", (d, ffn)), b(p + "fc2.bias", (d,))),
             ))
         has_final = self.pre_norm and not getattr(config, "_remove_final_layer_norm", False)
         self.final_norm = norm("final_layer_norm") if has_final else None
@@ -100,15 +95,15 @@ class OPTModel(DecoderModel):
         w = self.layers[index]
         tokens = hidden.shape[0]
         x = w.attn_norm(hidden) if self.pre_norm else hidden
-        q, k, v = F.linear(x, w.qkv, w.qkv_bias).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = w.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         key_cache, value_cache = kv
         self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
-        attn = self.ops.attention(q.contiguous(), key_cache, value_cache, meta, self.scale)
-        hidden = hidden + F.linear(attn.view(tokens, -1), w.out_proj, w.out_bias)
+        attn = self.ops.attention(q.contiguous(), k, v, key_cache, value_cache, meta, self.scale)
+        hidden = hidden + w.out_proj(attn.view(tokens, -1))
         if not self.pre_norm:
             hidden = w.attn_norm(hidden)
         x = w.mlp_norm(hidden) if self.pre_norm else hidden
-        hidden = hidden + F.linear(self.act(F.linear(x, w.fc1, w.fc1_bias)), w.fc2, w.fc2_bias)
+        hidden = hidden + w.fc2(self.act(w.fc1(x)))
         if not self.pre_norm:
             hidden = w.mlp_norm(hidden)
         return hidden

@@ -43,6 +43,8 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
+        # Sequences after the last one with cached context are fresh prefills (the scheduler lists decodes first).
+        cached = [i for i, item in enumerate(batch) if item.seq.num_computed_tokens > 0]
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
             block_tables=tensor(padded, torch.int32),
@@ -50,6 +52,7 @@ class ModelRunner:
             query_start_loc=tensor(query_start_loc, torch.int32),
             seq_lens_host=seq_lens,
             query_start_loc_host=query_start_loc,
+            num_paged_seqs=cached[-1] + 1 if cached else 0,
         )
         last = tensor([q - 1 for q in query_start_loc[1:]], torch.int64)
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, last

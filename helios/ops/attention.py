@@ -21,6 +21,31 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [seqs + 1]: offsets of each sequence's tokens in the flat batch
     seq_lens_host: list[int] | None = None  # the same on the host, for the native path (no device syncs)
     query_start_loc_host: list[int] | None = None
+    # Sequences [num_paged_seqs, seqs) are fresh prefills (no cached context): their attention needs only
+    # this step's q/k/v, so it runs as dense causal attention instead of through the cache.
+    num_paged_seqs: int | None = None  # None = every sequence goes through the paged kernel
+    _paged: AttentionMetadata | None = None
+
+    @property
+    def fresh_ranges(self) -> list[tuple[int, int]]:
+        if self.num_paged_seqs is None:
+            return []
+        qsl = self.query_start_loc_host
+        return [(qsl[s], qsl[s + 1]) for s in range(self.num_paged_seqs, len(qsl) - 1)]
+
+    @property
+    def num_paged_tokens(self) -> int:
+        return self.query_start_loc_host[self.num_paged_seqs]
+
+    def paged_part(self) -> AttentionMetadata:
+        """The metadata of sequences [0, num_paged_seqs) alone (views, computed once per step)."""
+        if self._paged is None:
+            n = self.num_paged_seqs
+            self._paged = AttentionMetadata(
+                slot_mapping=self.slot_mapping[: self.num_paged_tokens], block_tables=self.block_tables[:n],
+                seq_lens=self.seq_lens[:n], query_start_loc=self.query_start_loc[: n + 1],
+                seq_lens_host=self.seq_lens_host[:n], query_start_loc_host=self.query_start_loc_host[: n + 1])
+        return self._paged
 
 
 def store_kv_native(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -59,6 +84,14 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_c
     return out
 
 
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention of one fresh sequence: [tokens, heads, dim] x [tokens, kv_heads, dim]."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), is_causal=True, scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(0, 1)
+
+
 class PagedAttentionOps:
     """store_kv + paged_attention bound to one implementation for the life of a model runner."""
 
@@ -89,8 +122,23 @@ class PagedAttentionOps:
         else:
             store_kv_native(key, value, key_cache, value_cache, slot_mapping)
 
-    def attention(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float,
+    def attention(self, query, key, value, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int = -1) -> torch.Tensor:
+        """Attention of this step's queries; key/value are this step's (already stored in the cache)."""
+        fresh = meta.fresh_ranges if sliding_window <= 0 else []
+        if not fresh:
+            return self.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
+        out = torch.empty_like(query)
+        paged_tokens = meta.num_paged_tokens
+        if paged_tokens:
+            out[:paged_tokens] = self.paged_attention(query[:paged_tokens], key_cache, value_cache,
+                                                      meta.paged_part(), scale, sliding_window)
+        for start, end in fresh:
+            out[start:end] = causal_attention(query[start:end], key[start:end], value[start:end], scale)
+        return out
+
+    def paged_attention(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float,
+                        sliding_window: int = -1) -> torch.Tensor:
         if self.backend == "native":
             return paged_attention_native(query, key_cache, value_cache, meta, scale, sliding_window)
         out = torch.empty_like(query)

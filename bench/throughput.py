@@ -1,0 +1,110 @@
+"""helios vs transformers `generate`: greedy decoding throughput on real prompts (gsm8k questions).
+
+Both sides get the same chat-formatted prompts, the same dtype and exactly --max-tokens new tokens
+(EOS ignored), and are timed alternately in one run, so the ratio is robust to machine noise.
+Usage: python bench/throughput.py [--model smollm2-135m] [--batch-sizes 1 8 16 32] [--max-tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import gsm8k_questions, machine, save  # noqa: E402
+
+from helios import LLM, SamplingParams  # noqa: E402
+
+
+def hf_run(model, tokenizer, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+    elapsed = time.perf_counter() - start
+    return elapsed, out[:, inputs.input_ids.shape[1]:].tolist()
+
+
+def helios_run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return elapsed, [o.outputs[0].token_ids for o in outputs]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions where both greedy continuations agree, up to their first divergence."""
+    same = total = 0
+    for x, y in zip(a, b):
+        for i, (s, t) in enumerate(zip(x, y)):
+            if s != t:
+                break
+            same += 1
+        total += len(x)
+    return same / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), max_model_len=1024)
+    tokenizer = llm.get_tokenizer()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf = AutoModelForCausalLM.from_pretrained(llm.stats()["model_path"], dtype=dtype).eval()
+    hf.generation_config.pad_token_id = tokenizer.pad_token_id
+    questions = gsm8k_questions(max(args.batch_sizes))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True) for q in questions]
+    helios_run(llm, prompts[:2], 4)  # warm-up both sides
+    hf_run(hf, tokenizer, prompts[:2], 4)
+
+    rows = []
+    for batch in args.batch_sizes:
+        batch_prompts = prompts[:batch]
+        times = {"transformers": [], "helios": []}
+        for _ in range(args.rounds):  # alternate the two so drift hits both equally
+            t, hf_ids = hf_run(hf, tokenizer, batch_prompts, args.max_tokens)
+            times["transformers"].append(t)
+            t, helios_ids = helios_run(llm, batch_prompts, args.max_tokens)
+            times["helios"].append(t)
+        tokens = batch * args.max_tokens
+        hf_tps = tokens / statistics.median(times["transformers"])
+        helios_tps = tokens / statistics.median(times["helios"])
+        rows.append({"batch": batch, "new_tokens": args.max_tokens, "transformers_tok_s": round(hf_tps, 1),
+                     "helios_tok_s": round(helios_tps, 1), "speedup": round(helios_tps / hf_tps, 2),
+                     "greedy_agreement": round(agreement(helios_ids, hf_ids), 3),
+                     "times_s": {k: [round(x, 3) for x in v] for k, v in times.items()}})
+        r = rows[-1]
+        print(f"batch {batch:>3}: transformers {r['transformers_tok_s']:>7.1f} tok/s | helios "
+              f"{r['helios_tok_s']:>7.1f} tok/s | x{r['speedup']:.2f} | agreement {r['greedy_agreement']:.3f}",
+              flush=True)
+
+    print(f"\n{args.model}, {args.dtype}, greedy, {args.max_tokens} new tokens, gsm8k test questions (chat template)")
+    print("| batch | transformers tok/s | helios tok/s | speedup | greedy agreement |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['transformers_tok_s']} | {r['helios_tok_s']} | {r['speedup']}x | "
+              f"{r['greedy_agreement']} |")
+    path = save("throughput", {"benchmark": "throughput", "model": args.model, "dtype": args.dtype,
+                               "machine": machine(), "stats": llm.stats(), "rows": rows})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ def gsm8k_questions(n: int, split: str = "test") -> list[str]:
     if not path.is_file():
         raise SystemExit(f"{path} not found: set HELIOS_SHARED to the folder holding data/gsm8k")
     with path.open() as f:
-        return [json.loads(line)["question"] for _, line in zip(range(n), f)]
+        return [json.loads(line)["question"] for line in itertools.islice(f, n)]
 
 
 def machine() -> dict:
@@ -32,7 +33,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

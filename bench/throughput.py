@@ -2,6 +2,8 @@
 
 Both sides get the same chat-formatted prompts, the same dtype and exactly --max-tokens new tokens
 (EOS ignored), and are timed alternately in one run, so the ratio is robust to machine noise.
+helios runs as it serves by default (prefix caching on, cleared before every timed run, so only the
+chat template's shared system prompt inside one batch is reused); --no-prefix-caching turns it off.
 Usage: python bench/throughput.py [--model smollm2-135m] [--batch-sizes 1 8 16 32] [--max-tokens 48]
 """
 
@@ -32,6 +34,7 @@ def hf_run(model, tokenizer, prompts: list[str], max_tokens: int) -> tuple[float
 
 def helios_run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm.reset_prefix_cache()  # only sharing inside this batch counts, never blocks left by an earlier run
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -41,8 +44,8 @@ def helios_run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, li
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of positions where both greedy continuations agree, up to their first divergence."""
     same = total = 0
-    for x, y in zip(a, b):
-        for i, (s, t) in enumerate(zip(x, y)):
+    for x, y in zip(a, b, strict=True):
+        for s, t in zip(x, y, strict=False):
             if s != t:
                 break
             same += 1
@@ -57,11 +60,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-prefix-caching", action="store_true")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, args.dtype)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), max_model_len=1024)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), max_model_len=1024,
+              enable_prefix_caching=not args.no_prefix_caching)
     tokenizer = llm.get_tokenizer()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -81,27 +86,34 @@ def main() -> None:
         for _ in range(args.rounds):  # alternate the two so drift hits both equally
             t, hf_ids = hf_run(hf, tokenizer, batch_prompts, args.max_tokens)
             times["transformers"].append(t)
+            prompt_tokens_before = llm.engine.scheduler.num_prompt_tokens
+            cached_before = llm.engine.scheduler.num_cached_tokens
             t, helios_ids = helios_run(llm, batch_prompts, args.max_tokens)
             times["helios"].append(t)
+            hit_rate = (llm.engine.scheduler.num_cached_tokens - cached_before) / (
+                llm.engine.scheduler.num_prompt_tokens - prompt_tokens_before)
         tokens = batch * args.max_tokens
         hf_tps = tokens / statistics.median(times["transformers"])
         helios_tps = tokens / statistics.median(times["helios"])
         rows.append({"batch": batch, "new_tokens": args.max_tokens, "transformers_tok_s": round(hf_tps, 1),
                      "helios_tok_s": round(helios_tps, 1), "speedup": round(helios_tps / hf_tps, 2),
                      "greedy_agreement": round(agreement(helios_ids, hf_ids), 3),
+                     "prefix_cache_hit_rate": round(hit_rate, 3),
                      "times_s": {k: [round(x, 3) for x in v] for k, v in times.items()}})
         r = rows[-1]
         print(f"batch {batch:>3}: transformers {r['transformers_tok_s']:>7.1f} tok/s | helios "
               f"{r['helios_tok_s']:>7.1f} tok/s | x{r['speedup']:.2f} | agreement {r['greedy_agreement']:.3f}",
               flush=True)
 
-    print(f"\n{args.model}, {args.dtype}, greedy, {args.max_tokens} new tokens, gsm8k test questions (chat template)")
-    print("| batch | transformers tok/s | helios tok/s | speedup | greedy agreement |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"\n{args.model}, {args.dtype}, greedy, {args.max_tokens} new tokens, gsm8k test questions (chat template), "
+          f"prefix caching {'off' if args.no_prefix_caching else 'on'}")
+    print("| batch | transformers tok/s | helios tok/s | speedup | greedy agreement | prefix hit rate |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} | {r['transformers_tok_s']} | {r['helios_tok_s']} | {r['speedup']}x | "
-              f"{r['greedy_agreement']} |")
+              f"{r['greedy_agreement']} | {r['prefix_cache_hit_rate']} |")
     path = save("throughput", {"benchmark": "throughput", "model": args.model, "dtype": args.dtype,
+                               "prefix_caching": not args.no_prefix_caching,
                                "machine": machine(), "stats": llm.stats(), "rows": rows})
     print(f"saved {path}")
 

@@ -43,5 +43,10 @@ PYBIND11_MODULE(_C, m) {
       .def("free_sequence", &helios::BlockAllocator::free_sequence, py::arg("seq_id"))
       .def("has_sequence", &helios::BlockAllocator::has_sequence, py::arg("seq_id"))
       .def("block_table", &helios::BlockAllocator::block_table, py::arg("seq_id"))
-      .def("slots", &helios::BlockAllocator::slots, py::arg("seq_id"), py::arg("start"), py::arg("end"));
+      .def("slots", &helios::BlockAllocator::slots, py::arg("seq_id"), py::arg("start"), py::arg("end"))
+      .def("match_prefix", &helios::BlockAllocator::match_prefix, py::arg("seq_id"), py::arg("block_hashes"))
+      .def("cache_block", &helios::BlockAllocator::cache_block, py::arg("seq_id"), py::arg("index"),
+           py::arg("hash"))
+      .def_property_readonly("num_cached_blocks", &helios::BlockAllocator::num_cached_blocks)
+      .def("reset_prefix_cache", &helios::BlockAllocator::reset_prefix_cache);
 }

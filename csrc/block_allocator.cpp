@@ -9,10 +9,40 @@ BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size)
     : num_blocks_(num_blocks), block_size_(block_size) {
   if (num_blocks < 0) throw std::invalid_argument("num_blocks must be >= 0, got " + std::to_string(num_blocks));
   if (block_size < 1) throw std::invalid_argument("block_size must be >= 1, got " + std::to_string(block_size));
-  free_list_.reserve(num_blocks);
-  // Push in reverse so that allocation hands out 0, 1, 2, ... (easier to read in dumps).
-  for (int64_t b = num_blocks - 1; b >= 0; --b) free_list_.push_back(static_cast<int32_t>(b));
+  const int32_t sentinel = static_cast<int32_t>(num_blocks);
+  prev_.assign(num_blocks + 1, sentinel);
+  next_.assign(num_blocks + 1, sentinel);
+  in_free_.assign(num_blocks, false);
   ref_counts_.assign(num_blocks, 0);
+  block_hash_.assign(num_blocks, 0);
+  has_hash_.assign(num_blocks, false);
+  for (int64_t b = 0; b < num_blocks; ++b) push_free(static_cast<int32_t>(b), false);  // hands out 0, 1, 2, ...
+}
+
+void BlockAllocator::push_free(int32_t block, bool front) {
+  const int32_t sentinel = static_cast<int32_t>(num_blocks_);
+  const int32_t before = front ? sentinel : prev_[sentinel];
+  const int32_t after = next_[before];
+  next_[before] = block;
+  prev_[block] = before;
+  next_[block] = after;
+  prev_[after] = block;
+  in_free_[block] = true;
+  ++num_free_;
+}
+
+void BlockAllocator::unlink_free(int32_t block) {
+  next_[prev_[block]] = next_[block];
+  prev_[next_[block]] = prev_[block];
+  in_free_[block] = false;
+  --num_free_;
+}
+
+void BlockAllocator::forget_hash(int32_t block) {
+  if (!has_hash_[block]) return;
+  auto it = hash_to_block_.find(block_hash_[block]);
+  if (it != hash_to_block_.end() && it->second == block) hash_to_block_.erase(it);
+  has_hash_[block] = false;
 }
 
 void BlockAllocator::check_block(int32_t block) const {
@@ -21,9 +51,10 @@ void BlockAllocator::check_block(int32_t block) const {
 }
 
 int32_t BlockAllocator::allocate() {
-  if (free_list_.empty()) throw std::runtime_error("out of KV cache blocks");
-  int32_t block = free_list_.back();
-  free_list_.pop_back();
+  if (num_free_ == 0) throw std::runtime_error("out of KV cache blocks");
+  const int32_t block = next_[num_blocks_];
+  unlink_free(block);
+  forget_hash(block);  // evict: its old contents are about to be overwritten
   ref_counts_[block] = 1;
   return block;
 }
@@ -37,7 +68,7 @@ void BlockAllocator::incref(int32_t block) {
 void BlockAllocator::free(int32_t block) {
   check_block(block);
   if (ref_counts_[block] == 0) throw std::runtime_error("double free of block " + std::to_string(block));
-  if (--ref_counts_[block] == 0) free_list_.push_back(block);
+  if (--ref_counts_[block] == 0) push_free(block, /*front=*/!has_hash_[block]);
 }
 
 int32_t BlockAllocator::ref_count(int32_t block) const {
@@ -88,6 +119,39 @@ std::vector<int64_t> BlockAllocator::slots(int64_t seq_id, int64_t start, int64_
   for (int64_t pos = start; pos < end; ++pos)
     out.push_back(static_cast<int64_t>(table[pos / block_size_]) * block_size_ + pos % block_size_);
   return out;
+}
+
+int64_t BlockAllocator::match_prefix(int64_t seq_id, const std::vector<int64_t>& block_hashes) {
+  if (tables_.count(seq_id) && !tables_[seq_id].empty())
+    throw std::runtime_error("match_prefix: sequence " + std::to_string(seq_id) + " already has blocks");
+  auto& table = tables_[seq_id];
+  for (int64_t h : block_hashes) {
+    auto it = hash_to_block_.find(h);
+    if (it == hash_to_block_.end()) break;
+    const int32_t block = it->second;
+    if (ref_counts_[block] == 0) unlink_free(block);
+    ++ref_counts_[block];
+    table.push_back(block);
+  }
+  if (table.empty()) tables_.erase(seq_id);
+  return static_cast<int64_t>(block_hashes.empty() ? 0 : block_table(seq_id).size());
+}
+
+void BlockAllocator::cache_block(int64_t seq_id, int64_t index, int64_t hash) {
+  const auto& table = block_table(seq_id);
+  if (index < 0 || index >= static_cast<int64_t>(table.size()))
+    throw std::out_of_range("cache_block: sequence " + std::to_string(seq_id) + " has no block " +
+                            std::to_string(index));
+  const int32_t block = table[index];
+  if (has_hash_[block] || hash_to_block_.count(hash)) return;
+  block_hash_[block] = hash;
+  has_hash_[block] = true;
+  hash_to_block_[hash] = block;
+}
+
+void BlockAllocator::reset_prefix_cache() {
+  hash_to_block_.clear();
+  has_hash_.assign(num_blocks_, false);
 }
 
 }  // namespace helios

@@ -32,6 +32,7 @@ class EngineConfig:
     num_layers: int | None = None
     max_num_batched_tokens: int | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path)):
@@ -48,5 +49,7 @@ class EngineConfig:
             if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
                 raise TypeError(f"num_layers must be an int, got {type(self.num_layers).__name__}")
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be a bool, got {type(self.enable_prefix_caching).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

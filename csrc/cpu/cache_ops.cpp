@@ -84,9 +84,15 @@ void check_paged_attention_args(const at::Tensor& out, const at::Tensor& query, 
 
 namespace {
 
+// Row of a cache/query tensor as float: fp32 rows are read in place, other dtypes converted into `buf`.
 template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+inline const float* as_float(const T* src, float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+template <>
+inline const float* as_float<float>(const float* src, float*, int64_t) {
+  return src;
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -96,6 +102,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+inline void axpy(float w, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// One task = one query token x one KV head: the `group` query heads sharing that KV head read each
+// key/value row once. Online softmax over the context, one cache block at a time (scores of a block
+// live in a small buffer), so no per-task allocation and one pass over K and V.
 template <typename scalar_t>
 void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const int32_t* tables, int64_t max_blocks,
@@ -117,7 +131,9 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
     for (int64_t t = qsl[s]; t < qsl[s + 1]; ++t) token_seq[t] = s;
 
   at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * dim), acc(group * dim), kv_row(dim), scores;
+    // Per-thread scratch, reused by every task of this chunk.
+    std::vector<float> q(group * dim), acc(group * dim), row(dim), scores(group * block_size);
+    std::vector<float> run_max(group), run_sum(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / kv_heads, kvh = task % kv_heads;
       const int64_t s = token_seq[t];
@@ -125,44 +141,50 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
       const int64_t q_len = qsl[s + 1] - qsl[s];
       const int64_t pos = seq_lens[s] - q_len + (t - qsl[s]);  // absolute position of this query token
       const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      const int64_t n = pos - first + 1;
       const int32_t* table = tables + s * max_blocks;
-      for (int64_t g = 0; g < group; ++g)
-        load_row(q_ptr + t * q_stride + (kvh * group + g) * dim, q.data() + g * dim, dim);
-      scores.resize(group * n);
-      std::vector<float> row_max(group, -std::numeric_limits<float>::infinity());
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t p = first + i;
-        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-        load_row(k_ptr + slot * slot_stride + kvh * dim, kv_row.data(), dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float sc = dot(q.data() + g * dim, kv_row.data(), dim) * scale;
-          scores[g * n + i] = sc;
-          row_max[g] = std::max(row_max[g], sc);
-        }
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* src = q_ptr + t * q_stride + (kvh * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) q[g * dim + d] = static_cast<float>(src[d]) * scale;
       }
-      std::vector<float> denom(group, 0.f);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < n; ++i) {
-          float e = std::exp(scores[g * n + i] - row_max[g]);
-          scores[g * n + i] = e;
-          denom[g] += e;
-        }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t p = first + i;
-        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-        load_row(v_ptr + slot * slot_stride + kvh * dim, kv_row.data(), dim);
+      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(run_sum.begin(), run_sum.end(), 0.f);
+      for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
+        const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
+        const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
+        // scores of this block for every head of the group
+        for (int64_t p = lo; p < hi; ++p) {
+          const float* k = as_float(k_ptr + (base + p - block_start) * slot_stride + kvh * dim, row.data(), dim);
+          for (int64_t g = 0; g < group; ++g) scores[g * block_size + (p - lo)] = dot(q.data() + g * dim, k, dim);
+        }
+        // online softmax update: rescale what was accumulated when the running max grows
         for (int64_t g = 0; g < group; ++g) {
-          const float w = scores[g * n + i];
-          float* a = acc.data() + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += w * kv_row[d];
+          float* sc = scores.data() + g * block_size;
+          float block_max = run_max[g];
+          for (int64_t i = 0; i < hi - lo; ++i) block_max = std::max(block_max, sc[i]);
+          const float correction = std::exp(run_max[g] - block_max);
+          if (correction != 1.f) {
+            run_sum[g] *= correction;
+            for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] *= correction;
+          }
+          run_max[g] = block_max;
+          float sum = 0.f;
+          const int64_t n = hi - lo;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < n; ++i) {  // vectorized expf (libmvec) thanks to -fno-math-errno
+            sc[i] = std::exp(sc[i] - block_max);
+            sum += sc[i];
+          }
+          run_sum[g] += sum;
+        }
+        for (int64_t p = lo; p < hi; ++p) {
+          const float* v = as_float(v_ptr + (base + p - block_start) * slot_stride + kvh * dim, row.data(), dim);
+          for (int64_t g = 0; g < group; ++g) axpy(scores[g * block_size + (p - lo)], v, acc.data() + g * dim, dim);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
         scalar_t* o = o_ptr + (t * heads + kvh * group + g) * dim;
-        const float inv = 1.f / denom[g];
+        const float inv = 1.f / run_sum[g];
         for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(acc[g * dim + d] * inv);
       }
     }

@@ -74,7 +74,8 @@ class LLMEngine:
         self.kv_cache = KVCache(num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
                                 self.model.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed)
-        self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens,
+                                   prefix_caching=config.enable_prefix_caching)
         self.eos_token_ids = self._eos_ids()
         self._request_ids = itertools.count()
         self.num_generated_tokens = 0
@@ -144,7 +145,7 @@ class LLMEngine:
             return []
         tokens = self.runner.step(batch)
         advanced = []
-        for item, token in zip(batch, tokens):
+        for item, token in zip(batch, tokens, strict=True):
             seq = item.seq
             seq.token_ids.append(token)
             self.num_generated_tokens += 1
@@ -190,6 +191,9 @@ class LLMEngine:
         finally:
             allocator.free_sequence(seq.seq_id)
 
+    def reset_prefix_cache(self) -> None:
+        self.kv_cache.allocator.reset_prefix_cache()
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
@@ -222,6 +226,10 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "max_concurrent_seqs": min(self.config.max_num_seqs, kv.num_blocks // blocks_per_seq),
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_caching": self.scheduler.prefix_caching,
+            "prefix_cache_hit_rate": round(self.scheduler.num_cached_tokens / max(1, self.scheduler.num_prompt_tokens),
+                                           4),
+            "kv_blocks_cached": kv.allocator.num_cached_blocks,
             "num_generated_tokens": self.num_generated_tokens,
             "attention_backend": self.model.ops.backend,
         }

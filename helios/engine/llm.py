@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
 import torch
@@ -20,16 +21,18 @@ class LLM:
     model: a local Hugging Face directory, a .gguf file, or an alias such as "smollm2-135m".
     memory_budget: bytes (int) or "2GiB" for weights + activations + KV pool; kv_cache_blocks overrides the
     pool size. num_layers loads only the first N decoder layers (the KV pool is sized for those only).
+    enable_prefix_caching reuses the KV blocks of shared prompt prefixes (chained block hashes, as in vLLM).
     """
 
     def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  memory_budget: int | str | None = None, block_size: int = 16, kv_cache_blocks: int | None = None,
                  max_num_seqs: int = 256, max_model_len: int | None = None, num_layers: int | None = None,
-                 max_num_batched_tokens: int | None = None, seed: int = 0):
+                 max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True):
         config = EngineConfig(model=model, device=device, dtype=dtype, memory_budget=memory_budget,
                               block_size=block_size, kv_cache_blocks=kv_cache_blocks, max_num_seqs=max_num_seqs,
                               max_model_len=max_model_len, num_layers=num_layers,
-                              max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+                              max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+                              enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(config)
 
     def get_tokenizer(self):
@@ -48,7 +51,7 @@ class LLM:
             raise ValueError("params must be one SamplingParams or a list with one per prompt "
                              f"({len(prompts)} prompts)")
         # Validate everything before queueing anything: a bad request leaves the engine untouched.
-        return [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, params)]
+        return [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
 
     def generate(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -80,6 +83,10 @@ class LLM:
             if len(stable) > len(emitted) and stable.startswith(emitted):
                 yield stable[len(emitted):]
                 emitted = stable
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (blocks in use stay valid; they just stop being shareable)."""
+        self.engine.reset_prefix_cache()
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -31,6 +31,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_text_end: int | None = None  # where a stop string begins in the generated text
         self.num_preemptions = 0
+        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks (prefix cache keys)
+        self.num_published_blocks = 0  # leading blocks of its table already offered to the prefix cache
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -38,8 +38,8 @@ class DecoderModel:
         """Final norm (and any output projection) before the LM head."""
         return self.final_norm(hidden) if self.final_norm is not None else hidden
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed(input_ids, positions)
         for i in range(self.loaded_layers):
             hidden = self.layer(i, hidden, positions, kv_caches[i], meta)

@@ -54,7 +54,8 @@ class Checkpoint:
     def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         path = self._file_of.get(name)
         if path is None:
-            raise ValueError(f"checkpoint {self.directory} has no tensor {name!r} (truncated, or another architecture?)")
+            raise ValueError(f"checkpoint {self.directory} has no tensor {name!r} "
+                             "(truncated, or another architecture?)")
         try:
             tensor = self._handles[path].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:

@@ -59,7 +59,10 @@ class LlamaModel(DecoderModel):
         self.layers: list[LlamaLayer] = []
         for i in range(num_layers):
             p = f"layers.{i}."
-            bias = (lambda n, shape: reader.get(p + n, shape)) if attn_bias else (lambda n, shape: None)
+
+            def bias(name: str, shape: tuple[int, ...], p: str = p) -> torch.Tensor | None:
+                return reader.get(p + name, shape) if attn_bias else None
+
             sliding = layer_types is None and config.model_type == "mistral" or (
                 layer_types is not None and layer_types[i] == "sliding_attention")
             self.layers.append(LlamaLayer(

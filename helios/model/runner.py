@@ -10,6 +10,7 @@ from helios.engine.scheduler import ScheduledSeq
 from helios.kv.cache import KVCache
 from helios.model.base import DecoderModel
 from helios.ops import AttentionMetadata
+from helios.ops.attention import DenseSeq
 
 
 class ModelRunner:
@@ -43,8 +44,6 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        # Sequences after the last one with cached context are fresh prefills (the scheduler lists decodes first).
-        cached = [i for i, item in enumerate(batch) if item.seq.num_computed_tokens > 0]
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
             block_tables=tensor(padded, torch.int32),
@@ -52,10 +51,30 @@ class ModelRunner:
             query_start_loc=tensor(query_start_loc, torch.int32),
             seq_lens_host=seq_lens,
             query_start_loc_host=query_start_loc,
-            num_paged_seqs=cached[-1] + 1 if cached else 0,
         )
+        self._split_dense(batch, meta, query_start_loc)
         last = tensor([q - 1 for q in query_start_loc[1:]], torch.int64)
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, last
+
+    def _split_dense(self, batch: list[ScheduledSeq], meta: AttentionMetadata, query_start_loc: list[int]) -> None:
+        """Leading decodes go to the paged kernel; every later sequence is attended densely (the scheduler
+        lists decodes first, so in practice these are prefills, fresh or after a prefix-cache hit)."""
+        paged = 0
+        while paged < len(batch) and batch[paged].num_new_tokens == 1 and batch[paged].seq.num_computed_tokens > 0:
+            paged += 1
+        meta.num_paged_seqs = paged
+        meta.dense = []
+        for i in range(paged, len(batch)):
+            seq, new = batch[i].seq, batch[i].num_new_tokens
+            dense = DenseSeq(query_start_loc[i], query_start_loc[i + 1])
+            cached = seq.num_computed_tokens
+            if cached:
+                context = cached + new
+                slots = self.kv_cache.allocator.slots(seq.seq_id, 0, context)
+                dense.context_slots = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+                positions = torch.arange(context, device=self.device)
+                dense.mask = positions[None, :] <= positions[cached:, None]
+            meta.dense.append(dense)
 
     @torch.inference_mode()
     def step(self, batch: list[ScheduledSeq]) -> list[int]:

@@ -12,6 +12,16 @@ import torch
 
 
 @dataclass
+class DenseSeq:
+    """A sequence attended densely this step: a fresh prefill, or new tokens after a cached prefix."""
+
+    start: int  # its tokens in the flat batch: [start, end)
+    end: int
+    context_slots: torch.Tensor | None = None  # int64 [context]: cache slots of its whole context; None = fresh
+    mask: torch.Tensor | None = None  # bool [new tokens, context]: causal mask offset by the cached prefix
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step attention inputs (vLLM names). One entry per sequence unless said otherwise."""
 
@@ -21,17 +31,11 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [seqs + 1]: offsets of each sequence's tokens in the flat batch
     seq_lens_host: list[int] | None = None  # the same on the host, for the native path (no device syncs)
     query_start_loc_host: list[int] | None = None
-    # Sequences [num_paged_seqs, seqs) are fresh prefills (no cached context): their attention needs only
-    # this step's q/k/v, so it runs as dense causal attention instead of through the cache.
-    num_paged_seqs: int | None = None  # None = every sequence goes through the paged kernel
+    # Sequences [0, num_paged_seqs) go through the paged kernel (decodes); `dense` lists the others.
+    # None: every sequence goes through the paged kernel.
+    num_paged_seqs: int | None = None
+    dense: list[DenseSeq] | None = None
     _paged: AttentionMetadata | None = None
-
-    @property
-    def fresh_ranges(self) -> list[tuple[int, int]]:
-        if self.num_paged_seqs is None:
-            return []
-        qsl = self.query_start_loc_host
-        return [(qsl[s], qsl[s + 1]) for s in range(self.num_paged_seqs, len(qsl) - 1)]
 
     @property
     def num_paged_tokens(self) -> int:
@@ -84,11 +88,15 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_c
     return out
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense causal attention of one fresh sequence: [tokens, heads, dim] x [tokens, kv_heads, dim]."""
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of one sequence: query [new, heads, dim] over key/value [context, kv_heads, dim].
+
+    mask=None means new == context (a fresh prefill); otherwise mask [new, context] says what each query sees.
+    """
     out = torch.nn.functional.scaled_dot_product_attention(
-        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), is_causal=True, scale=scale,
-        enable_gqa=query.shape[1] != key.shape[1])
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask, is_causal=mask is None,
+        scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(0, 1)
 
 
@@ -125,16 +133,22 @@ class PagedAttentionOps:
     def attention(self, query, key, value, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int = -1) -> torch.Tensor:
         """Attention of this step's queries; key/value are this step's (already stored in the cache)."""
-        fresh = meta.fresh_ranges if sliding_window <= 0 else []
-        if not fresh:
+        if meta.num_paged_seqs is None or sliding_window > 0:
             return self.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
         out = torch.empty_like(query)
         paged_tokens = meta.num_paged_tokens
         if paged_tokens:
             out[:paged_tokens] = self.paged_attention(query[:paged_tokens], key_cache, value_cache,
                                                       meta.paged_part(), scale, sliding_window)
-        for start, end in fresh:
-            out[start:end] = causal_attention(query[start:end], key[start:end], value[start:end], scale)
+        kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+        for seq in meta.dense:
+            q = query[seq.start:seq.end]
+            if seq.context_slots is None:
+                out[seq.start:seq.end] = dense_attention(q, key[seq.start:seq.end], value[seq.start:seq.end], scale)
+            else:
+                k = key_cache.view(-1, kv_heads, head_dim)[seq.context_slots]
+                v = value_cache.view(-1, kv_heads, head_dim)[seq.context_slots]
+                out[seq.start:seq.end] = dense_attention(q, k, v, scale, seq.mask)
         return out
 
     def paged_attention(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float,

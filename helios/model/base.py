@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from helios.model.layers import Norm
+from helios.model.layers import Linear, Norm
 from helios.ops import AttentionMetadata, PagedAttentionOps
 
 
@@ -22,7 +22,8 @@ class DecoderModel:
     weight_bytes: int
     num_parameters: int
     final_norm: Norm | None
-    lm_head: torch.Tensor  # [vocab, d_head_input]
+    lm_head: torch.Tensor  # [vocab, d_head_input], the plain tensor (exit heads read it)
+    lm_head_linear: Linear  # the same weights prepared for fast matmuls
 
     def __init__(self, ops: PagedAttentionOps):
         self.ops = ops
@@ -46,4 +47,13 @@ class DecoderModel:
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(self.head_input(hidden), self.lm_head)
+        return self.lm_head_linear(self.head_input(hidden))
+
+    def _finish_loading(self, reader) -> None:
+        """Prepares the LM head and records the memory and parameters that loading took."""
+        self.lm_head_linear = Linear(self.lm_head)
+        extra = 0
+        if self.lm_head_linear.packed is not None:  # a second, packed copy of the head lives beside the plain one
+            extra = self.lm_head.numel() * self.lm_head.element_size()
+        self.weight_bytes = reader.bytes_loaded + extra
+        self.num_parameters = reader.params_loaded

@@ -91,8 +91,7 @@ class LlamaModel(DecoderModel):
             reader.count(self.lm_head)
         else:
             self.lm_head = self.embed_tokens
-        self.weight_bytes = reader.bytes_loaded
-        self.num_parameters = reader.params_loaded
+        self._finish_loading(reader)
         self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device)
         self.qkv_split = (q_out, kv_out, kv_out)
 

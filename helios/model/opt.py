@@ -80,8 +80,7 @@ class OPTModel(DecoderModel):
             reader.count(self.lm_head)
         else:
             self.lm_head = self.embed_tokens
-        self.weight_bytes = reader.bytes_loaded
-        self.num_parameters = reader.params_loaded
+        self._finish_loading(reader)
         if max_positions > self.embed_positions.shape[0] - POSITION_OFFSET:
             raise ValueError(f"max_model_len={max_positions} exceeds OPT's learned positions "
                              f"({self.embed_positions.shape[0] - POSITION_OFFSET})")

@@ -122,6 +122,17 @@ def test_checkpoint_missing_a_layer(checkpoints, tmp_path):
     assert LLM(path, num_layers=3, kv_cache_blocks=8).stats()["loaded_layers"] == 3  # layer 4 never read
 
 
+def test_untied_checkpoint_without_lm_head(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(checkpoints["llama"], tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        LLM(path, kv_cache_blocks=8)
+
+
 def test_unsupported_architecture_lists_supported(checkpoints, tmp_path):
     path = _copy(checkpoints["llama"], tmp_path / "m")
     config = json.loads((path / "config.json").read_text())

@@ -49,8 +49,17 @@ class DecoderModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head_linear(self.head_input(hidden))
 
-    def _finish_loading(self, reader) -> None:
-        """Prepares the LM head and records the memory and parameters that loading took."""
+    def _finish_loading(self, reader, tied: bool) -> None:
+        """Loads the LM head (the input embedding when tied), prepares it for matmuls, and records the memory
+        and parameters that loading took. Needs self.embed_tokens."""
+        if tied:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = reader.checkpoint.get("lm_head.weight", reader.dtype, reader.device)
+            if self.lm_head.shape != (self.vocab_size, self.embed_tokens.shape[1]):
+                raise ValueError(f"lm_head.weight has shape {tuple(self.lm_head.shape)}, expected "
+                                 f"{(self.vocab_size, self.embed_tokens.shape[1])}")
+            reader.count(self.lm_head)
         self.lm_head_linear = Linear(self.lm_head)
         extra = 0
         if self.lm_head_linear.packed is not None:  # a second, packed copy of the head lives beside the plain one

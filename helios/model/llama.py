@@ -85,13 +85,7 @@ class LlamaModel(DecoderModel):
                 sliding_window=window if sliding else -1,
             ))
         self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
-        head = reader.checkpoint.find("lm_head.weight")
-        if head is not None and not getattr(config, "tie_word_embeddings", False):
-            self.lm_head = reader.checkpoint.get(head, reader.dtype, reader.device)
-            reader.count(self.lm_head)
-        else:
-            self.lm_head = self.embed_tokens
-        self._finish_loading(reader)
+        self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", False))
         self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device)
         self.qkv_split = (q_out, kv_out, kv_out)
 

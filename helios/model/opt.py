@@ -56,6 +56,9 @@ class OPTModel(DecoderModel):
 
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, proj_dim))
         self.embed_positions = reader.get("embed_positions.weight")
+        if max_positions > self.embed_positions.shape[0] - POSITION_OFFSET:
+            raise ValueError(f"max_model_len={max_positions} exceeds OPT's learned positions "
+                             f"({self.embed_positions.shape[0] - POSITION_OFFSET})")
         self.project_in = reader.get("project_in.weight", (d, proj_dim)) if proj_dim != d else None
         self.project_out = reader.get("project_out.weight", (proj_dim, d)) if proj_dim != d else None
         self.layers: list[OPTLayer] = []
@@ -74,16 +77,7 @@ class OPTModel(DecoderModel):
             ))
         has_final = self.pre_norm and not getattr(config, "_remove_final_layer_norm", False)
         self.final_norm = norm("final_layer_norm") if has_final else None
-        head = reader.checkpoint.find("lm_head.weight")
-        if head is not None and not getattr(config, "tie_word_embeddings", True):
-            self.lm_head = reader.checkpoint.get(head, reader.dtype, reader.device)
-            reader.count(self.lm_head)
-        else:
-            self.lm_head = self.embed_tokens
-        self._finish_loading(reader)
-        if max_positions > self.embed_positions.shape[0] - POSITION_OFFSET:
-            raise ValueError(f"max_model_len={max_positions} exceeds OPT's learned positions "
-                             f"({self.embed_positions.shape[0] - POSITION_OFFSET})")
+        self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", True))
 
     def embed(self, input_ids, positions):
         hidden = F.embedding(input_ids, self.embed_tokens)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
-
+# Before anything imports triton (torch may probe it): without a GPU, Triton kernels run in the interpreter.
+if os.environ.get("HELIOS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 PROMPTS = [
     "The quick brown fox", "Once upon a time there was", "def add(a, b):", "Water boils at",

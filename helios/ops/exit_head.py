@@ -1,0 +1,99 @@
+"""Fused exit head: norm → shared LM head → (argmax token, p1, p2, entropy), without [B, vocab] logits.
+
+For row h: z = norm(h)·Wᵀ over the vocabulary; p = softmax(z). Returns the argmax token, its probability
+p1, the second-highest probability p2, and the entropy H = −Σ p log p (nats).
+
+Online over vocabulary chunks (Milakov & Gimelshein, arXiv 1805.02867): keep the running max m, the
+running sum d = Σ e^(z−m) and s = Σ z·e^(z−m), plus the top-2 logits; then p1 = e^(z1−m)/d,
+p2 = e^(z2−m)/d and H = m + log d − s/d.
+
+backends: "native" (CPU production path and the torch reference: chunked, oneDNN-packed chunks on CPU),
+"triton" (the kernel in helios.kernels.exit_head; on CPU tensors it runs under TRITON_INTERPRET=1).
+backend=None picks triton on CUDA and native elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from helios.model.layers import Linear, Norm
+
+CHUNK = 8192  # vocabulary rows per chunk: [B, 8192] fp32 transient instead of [B, vocab]
+
+
+class PackedHead:
+    """The LM head split into vocabulary chunks, each prepared for fast matmuls (oneDNN-packed on CPU)."""
+
+    def __init__(self, lm_head: torch.Tensor, chunk: int = CHUNK):
+        self.vocab_size = lm_head.shape[0]
+        self.chunks = [(start, Linear(lm_head[start:start + chunk])) for start in range(0, self.vocab_size, chunk)]
+
+
+def _normalize(hidden: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+    return norm(hidden) if norm is not None else hidden
+
+
+def exit_head_native(hidden: torch.Tensor, head: PackedHead | torch.Tensor, norm: Norm | None):
+    """hidden [B, d] → (token int64[B], p1 f32[B], p2 f32[B], entropy f32[B]); chunked online softmax."""
+    if isinstance(head, torch.Tensor):
+        head = PackedHead(head)
+    x = _normalize(hidden, norm)
+    rows = x.shape[0]
+    m = torch.full((rows,), float("-inf"), device=x.device)
+    d = torch.zeros(rows, device=x.device)
+    s = torch.zeros(rows, device=x.device)
+    top1 = torch.full((rows,), float("-inf"), device=x.device)
+    top2 = torch.full((rows,), float("-inf"), device=x.device)
+    token = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    for start, linear in head.chunks:
+        z = linear(x).float()  # [B, chunk]
+        chunk_max = z.max(dim=1).values
+        m_new = torch.maximum(m, chunk_max)
+        scale = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        d = d * scale + e.sum(1)
+        s = s * scale + (z * e).sum(1)
+        m = m_new
+        k = min(2, z.shape[1])
+        values, index = z.topk(k, dim=1)
+        v1 = values[:, 0]
+        v2 = values[:, 1] if k == 2 else torch.full_like(v1, float("-inf"))
+        better = v1 > top1  # strict: ties keep the lower token id, like argmax
+        top2 = torch.where(better, torch.maximum(top1, v2), torch.maximum(top2, v1))
+        top1 = torch.where(better, v1, top1)
+        token = torch.where(better, index[:, 0] + start, token)
+    p1 = torch.exp(top1 - m) / d
+    p2 = torch.exp(top2 - m) / d
+    entropy = m + torch.log(d) - s / d
+    return token, p1, p2, entropy
+
+
+def exit_head(hidden: torch.Tensor, lm_head: torch.Tensor, norm_weight: torch.Tensor | None,
+              norm_bias: torch.Tensor | None = None, *, norm: str = "rms", eps: float = 1e-6,
+              backend: str | None = None):
+    """Public op: norm="rms" | "layer" (or "none"); see the module docstring for the outputs."""
+    if hidden.dim() != 2 or lm_head.dim() != 2 or hidden.shape[1] != lm_head.shape[1]:
+        raise ValueError(f"exit_head: hidden [B, d] and lm_head [V, d] expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(lm_head.shape)}")
+    if norm not in {"rms", "layer", "none"}:
+        raise ValueError(f"exit_head: norm must be 'rms', 'layer' or 'none', got {norm!r}")
+    if backend is None:
+        backend = "triton" if hidden.is_cuda else "native"
+    if backend == "triton":
+        from helios.kernels.exit_head import exit_head_triton
+
+        return exit_head_triton(hidden, lm_head, norm_weight, norm_bias, norm=norm, eps=eps)
+    if backend != "native":
+        raise ValueError(f"exit_head: backend must be None, 'native' or 'triton', got {backend!r}")
+    norm_op = None if norm == "none" else Norm(norm, norm_weight, norm_bias, eps)
+    return exit_head_native(hidden, lm_head, norm_op)
+
+
+def exit_head_unfused(hidden, lm_head, norm: Norm | None):
+    """The plain chain (norm → full logits → softmax → top-2 → entropy): the baseline the benchmark beats."""
+    logits = F.linear(_normalize(hidden, norm), lm_head).float()
+    probs = logits.softmax(-1)
+    top = probs.topk(2, dim=-1)
+    entropy = -(probs * logits.log_softmax(-1)).sum(-1)
+    return top.indices[:, 0], top.values[:, 0], top.values[:, 1], entropy

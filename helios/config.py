@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from helios.exits.config import ExitConfig
 from helios.utils.memory import parse_bytes
 
 
@@ -33,6 +34,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
+    early_exit: ExitConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path)):
@@ -49,6 +51,8 @@ class EngineConfig:
             if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
                 raise TypeError(f"num_layers must be an int, got {type(self.num_layers).__name__}")
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
+        if self.early_exit is not None and not isinstance(self.early_exit, ExitConfig):
+            raise TypeError(f"early_exit must be an ExitConfig or None, got {type(self.early_exit).__name__}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be a bool, got {type(self.enable_prefix_caching).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -59,7 +59,9 @@ def _configs():
 ARCHS = list(_configs())
 
 
-def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
+def build_checkpoint(kind: str, directory: Path, seed: int = 0, logit_scale: float = 1.0) -> Path:
+    """logit_scale multiplies the final norm's weight (and bias): random tiny models are otherwise almost
+    uniform at every layer (max prob ~0.02), which no exit threshold can tell apart."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -71,6 +73,10 @@ def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
                 p.uniform_(0.8, 1.2)
             elif "norm" in name or name.endswith("bias"):
                 p.normal_(0, 0.05)
+        for name, p in model.named_parameters():
+            if name in ("model.norm.weight", "model.decoder.final_layer_norm.weight",
+                        "model.decoder.final_layer_norm.bias"):
+                p.mul_(logit_scale)
     model.save_pretrained(directory, safe_serialization=True)
     make_tokenizer().save_pretrained(directory)
     return directory
@@ -80,6 +86,13 @@ def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return {kind: build_checkpoint(kind, root / kind) for kind in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def peaked_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints whose exits spread over confidences (median max prob 0.5-0.85 per layer)."""
+    root = tmp_path_factory.mktemp("peaked")
+    return {kind: build_checkpoint(kind, root / kind, logit_scale=8.0) for kind in ("llama", "llama_tied", "qwen2", "opt")}
 
 
 def hf_model(path: Path, num_layers: int | None = None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 
 import torch
 from transformers import AutoTokenizer
@@ -73,12 +74,18 @@ class LLMEngine:
             logger.warning("max_model_len lowered to %d to fit the KV pool", self.max_model_len)
         self.kv_cache = KVCache(num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
                                 self.model.head_dim, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed)
+        self.early_exit = config.early_exit
+        if self.early_exit is not None:
+            self.exit_layers = self.early_exit.exit_layers(num_layers)  # validates layers against the depth
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed,
+                                  early_exit=self.early_exit)
         self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens,
                                    prefix_caching=config.enable_prefix_caching)
         self.eos_token_ids = self._eos_ids()
         self._request_ids = itertools.count()
         self.num_generated_tokens = 0
+        self.exit_histogram: Counter[int] = Counter()  # 1-based exit layer -> generated tokens
+        self.num_breaches = 0
 
     def _activation_bytes(self) -> int:
         m, size = self.model, torch.empty((), dtype=self.dtype).element_size()
@@ -143,11 +150,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        tokens = self.runner.step(batch)
+        choices = self.runner.step(batch)
         advanced = []
-        for item, token in zip(batch, tokens, strict=True):
-            seq = item.seq
+        for item, choice in zip(batch, choices, strict=True):
+            seq, token = item.seq, choice.token
             seq.token_ids.append(token)
+            seq.exit_layers.append(choice.exit_layer)
+            seq.confidences.append(choice.confidence)
+            self.exit_histogram[choice.exit_layer] += 1
+            self.num_breaches += choice.breach
             self.num_generated_tokens += 1
             self._check_finished(seq, token)
             if seq.finish_reason is not None:
@@ -202,7 +213,8 @@ class LLMEngine:
         return text[: seq.stop_text_end] if seq.stop_text_end is not None else text
 
     def to_output(self, seq: Sequence) -> RequestOutput:
-        completion = CompletionOutput(0, self.output_text(seq), seq.output_token_ids, seq.finish_reason)
+        completion = CompletionOutput(0, self.output_text(seq), seq.output_token_ids, seq.finish_reason,
+                                      list(seq.exit_layers), list(seq.confidences))
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],
                              finished=seq.finish_reason is not None)
 
@@ -232,4 +244,9 @@ class LLMEngine:
             "kv_blocks_cached": kv.allocator.num_cached_blocks,
             "num_generated_tokens": self.num_generated_tokens,
             "attention_backend": self.model.ops.backend,
+            "early_exit": None if self.early_exit is None else {
+                "layers": list(self.exit_layers), "confidence": self.early_exit.confidence,
+                "threshold": self.early_exit.threshold},
+            "exit_histogram": dict(sorted(self.exit_histogram.items())),
+            "num_breaches": self.num_breaches,
         }

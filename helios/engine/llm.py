@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from helios.config import EngineConfig
 from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
+from helios.exits.config import ExitConfig
 from helios.sampling_params import SamplingParams
 
 
@@ -22,17 +23,19 @@ class LLM:
     memory_budget: bytes (int) or "2GiB" for weights + activations + KV pool; kv_cache_blocks overrides the
     pool size. num_layers loads only the first N decoder layers (the KV pool is sized for those only).
     enable_prefix_caching reuses the KV blocks of shared prompt prefixes (chained block hashes, as in vLLM).
+    early_exit=ExitConfig(...) lets tokens leave the layer stack at confident exits (None: plain decoding).
     """
 
     def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  memory_budget: int | str | None = None, block_size: int = 16, kv_cache_blocks: int | None = None,
                  max_num_seqs: int = 256, max_model_len: int | None = None, num_layers: int | None = None,
-                 max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
+                 early_exit: ExitConfig | None = None):
         config = EngineConfig(model=model, device=device, dtype=dtype, memory_budget=memory_budget,
                               block_size=block_size, kv_cache_blocks=kv_cache_blocks, max_num_seqs=max_num_seqs,
                               max_model_len=max_model_len, num_layers=num_layers,
                               max_num_batched_tokens=max_num_batched_tokens, seed=seed,
-                              enable_prefix_caching=enable_prefix_caching)
+                              enable_prefix_caching=enable_prefix_caching, early_exit=early_exit)
         self.engine = LLMEngine(config)
 
     def get_tokenizer(self):

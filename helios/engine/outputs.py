@@ -11,6 +11,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", or None while running
+    exit_layers: list[int] = field(default_factory=list)  # per token: 1-based layer it left the stack at
+    confidences: list[float] = field(default_factory=list)  # per token: confidence measure at that exit
 
 
 @dataclass

@@ -33,6 +33,8 @@ class Sequence:
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks (prefix cache keys)
         self.num_published_blocks = 0  # leading blocks of its table already offered to the prefix cache
+        self.exit_layers: list[int] = []  # per generated token: the 1-based layer it left at
+        self.confidences: list[float] = []  # per generated token: its confidence there
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from helios.model.layers import Linear, Norm
+from helios.model.layers import Norm
 from helios.ops import AttentionMetadata, PagedAttentionOps
+from helios.ops.exit_head import PackedHead
 
 
 class DecoderModel:
@@ -22,8 +23,9 @@ class DecoderModel:
     weight_bytes: int
     num_parameters: int
     final_norm: Norm | None
-    lm_head: torch.Tensor  # [vocab, d_head_input], the plain tensor (exit heads read it)
-    lm_head_linear: Linear  # the same weights prepared for fast matmuls
+    lm_head: torch.Tensor  # [vocab, d_head_input], the plain tensor (the Triton exit head reads it)
+    head: PackedHead  # the same weights in vocabulary chunks prepared for fast matmuls
+    project_out: torch.Tensor | None = None  # OPT-350m style projection between the final norm and the head
 
     def __init__(self, ops: PagedAttentionOps):
         self.ops = ops
@@ -46,8 +48,27 @@ class DecoderModel:
             hidden = self.layer(i, hidden, positions, kv_caches[i], meta)
         return hidden
 
+    def fill_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor) -> None:
+        """Hidden-state propagation for rows that left the stack earlier: layer `index` stores K/V computed
+        from their exited hidden state (input norm + K/V projections only), so later tokens can attend."""
+        raise NotImplementedError
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head_linear(self.head_input(hidden))
+        return self.head.logits(self.head_input(hidden))
+
+    def exit_head(self, hidden: torch.Tensor):
+        """(token, p1, p2, entropy) of each row at an exit: norm + LM head fused, no [B, vocab] logits."""
+        from helios.ops.exit_head import exit_head, exit_head_native
+
+        if hidden.is_cuda and self.project_out is None:
+            n = self.final_norm
+            kind = "none" if n is None else n.kind
+            return exit_head(hidden, self.lm_head, None if n is None else n.weight, None if n is None else n.bias,
+                             norm=kind, eps=1e-5 if n is None else n.eps)
+        if self.project_out is None:
+            return exit_head_native(hidden, self.head, self.final_norm)
+        return exit_head_native(self.head_input(hidden), self.head, None)
 
     def _finish_loading(self, reader, tied: bool) -> None:
         """Loads the LM head (the input embedding when tied), prepares it for matmuls, and records the memory
@@ -60,9 +81,9 @@ class DecoderModel:
                 raise ValueError(f"lm_head.weight has shape {tuple(self.lm_head.shape)}, expected "
                                  f"{(self.vocab_size, self.embed_tokens.shape[1])}")
             reader.count(self.lm_head)
-        self.lm_head_linear = Linear(self.lm_head)
+        self.head = PackedHead(self.lm_head)
         extra = 0
-        if self.lm_head_linear.packed is not None:  # a second, packed copy of the head lives beside the plain one
+        if self.head.packed:  # a second, packed copy of the head lives beside the plain one
             extra = self.lm_head.numel() * self.lm_head.element_size()
         self.weight_bytes = reader.bytes_loaded + extra
         self.num_parameters = reader.params_loaded

@@ -92,14 +92,21 @@ class LlamaModel(DecoderModel):
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)
 
+    def _qkv(self, w: LlamaLayer, hidden: torch.Tensor, positions: torch.Tensor):
+        tokens = hidden.shape[0]
+        q, k, v = w.qkv(rms_norm(hidden, w.input_norm, self.eps)).split(self.qkv_split, dim=-1)
+        q, k = self.rotary(q.view(tokens, self.num_heads, self.head_dim),
+                           k.view(tokens, self.num_kv_heads, self.head_dim), positions)
+        return q, k, v.view(tokens, self.num_kv_heads, self.head_dim)
+
+    def fill_kv(self, index, hidden, positions, kv, slot_mapping):
+        _, k, v = self._qkv(self.layers[index], hidden, positions)
+        self.ops.store_kv(k, v, kv[0], kv[1], slot_mapping)
+
     def layer(self, index, hidden, positions, kv, meta: AttentionMetadata):
         w = self.layers[index]
         tokens = hidden.shape[0]
-        x = rms_norm(hidden, w.input_norm, self.eps)
-        q, k, v = w.qkv(x).split(self.qkv_split, dim=-1)
-        q, k = self.rotary(q.view(tokens, self.num_heads, self.head_dim),
-                           k.view(tokens, self.num_kv_heads, self.head_dim), positions)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(w, hidden, positions)
         key_cache, value_cache = kv
         self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         attn = self.ops.attention(q, k, v, key_cache, value_cache, meta, self.scale, w.sliding_window)

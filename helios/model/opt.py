@@ -85,11 +85,18 @@ class OPTModel(DecoderModel):
             hidden = F.linear(hidden, self.project_in)
         return hidden + F.embedding(positions + POSITION_OFFSET, self.embed_positions)
 
+    def _qkv(self, w: OPTLayer, hidden: torch.Tensor):
+        x = w.attn_norm(hidden) if self.pre_norm else hidden
+        return w.qkv(x).view(hidden.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+
+    def fill_kv(self, index, hidden, positions, kv, slot_mapping):
+        _, k, v = self._qkv(self.layers[index], hidden)
+        self.ops.store_kv(k, v, kv[0], kv[1], slot_mapping)
+
     def layer(self, index, hidden, positions, kv, meta: AttentionMetadata):
         w = self.layers[index]
         tokens = hidden.shape[0]
-        x = w.attn_norm(hidden) if self.pre_norm else hidden
-        q, k, v = w.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self._qkv(w, hidden)
         key_cache, value_cache = kv
         self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         attn = self.ops.attention(q.contiguous(), k, v, key_cache, value_cache, meta, self.scale)

@@ -7,6 +7,8 @@ import torch
 
 from helios.engine.sampler import sample
 from helios.engine.scheduler import ScheduledSeq
+from helios.exits.config import ExitConfig
+from helios.exits.forward import ExitForward, TokenChoice
 from helios.kv.cache import KVCache
 from helios.model.base import DecoderModel
 from helios.ops import AttentionMetadata
@@ -14,12 +16,14 @@ from helios.ops.attention import DenseSeq
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: KVCache, device: torch.device, seed: int = 0):
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, device: torch.device, seed: int = 0,
+                 early_exit: ExitConfig | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_layers = kv_cache.layers()
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
+        self.exits = ExitForward(model, early_exit, self.kv_layers, self.generator) if early_exit else None
 
     def prepare(self, batch: list[ScheduledSeq]):
         allocator = self.kv_cache.allocator
@@ -77,10 +81,18 @@ class ModelRunner:
             meta.dense.append(dense)
 
     @torch.inference_mode()
-    def step(self, batch: list[ScheduledSeq]) -> list[int]:
+    def step(self, batch: list[ScheduledSeq]) -> list[TokenChoice]:
         input_ids, positions, meta, last = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, self.kv_layers, meta)
-        logits = self.model.compute_logits(hidden[last]).float()
+        if self.exits is not None:
+            choices = self.exits.run(batch, input_ids, positions, meta)
+        else:
+            hidden = self.model.forward(input_ids, positions, self.kv_layers, meta)
+            logits = self.model.compute_logits(hidden[last]).float()
+            tokens = sample(logits, [item.seq for item in batch], self.generator)
+            # telemetry of plain decoding: every token leaves at the last loaded layer; confidence = max prob
+            p1 = (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp().tolist()
+            depth = self.model.loaded_layers
+            choices = [TokenChoice(t, depth, c, False) for t, c in zip(tokens, p1, strict=True)]
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
-        return sample(logits, [item.seq for item in batch], self.generator)
+        return choices

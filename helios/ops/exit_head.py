@@ -29,6 +29,14 @@ class PackedHead:
         self.vocab_size = lm_head.shape[0]
         self.chunks = [(start, Linear(lm_head[start:start + chunk])) for start in range(0, self.vocab_size, chunk)]
 
+    @property
+    def packed(self) -> bool:
+        return self.chunks[0][1].packed is not None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Full logits [B, vocab] (plain decoding and sampling need them)."""
+        return torch.cat([linear(x) for _, linear in self.chunks], dim=-1)
+
 
 def _normalize(hidden: torch.Tensor, norm: Norm | None) -> torch.Tensor:
     return norm(hidden) if norm is not None else hidden

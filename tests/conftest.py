@@ -92,7 +92,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def peaked_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints whose exits spread over confidences (median max prob 0.5-0.85 per layer)."""
     root = tmp_path_factory.mktemp("peaked")
-    return {kind: build_checkpoint(kind, root / kind, logit_scale=8.0) for kind in ("llama", "llama_tied", "qwen2", "opt")}
+    kinds = ("llama", "llama_tied", "qwen2", "opt")
+    return {kind: build_checkpoint(kind, root / kind, logit_scale=8.0) for kind in kinds}
 
 
 def hf_model(path: Path, num_layers: int | None = None):

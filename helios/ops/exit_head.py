@@ -4,8 +4,8 @@ For row h: z = norm(h)·Wᵀ over the vocabulary; p = softmax(z). Returns the ar
 p1, the second-highest probability p2, and the entropy H = −Σ p log p (nats).
 
 Online over vocabulary chunks (Milakov & Gimelshein, arXiv 1805.02867): keep the running max m, the
-running sum d = Σ e^(z−m) and s = Σ z·e^(z−m), plus the top-2 logits; then p1 = e^(z1−m)/d,
-p2 = e^(z2−m)/d and H = m + log d − s/d.
+running sums d = Σ e^(z−m) and s = Σ (z−m)·e^(z−m), plus the top-2 logits; then p1 = e^(z1−m)/d,
+p2 = e^(z2−m)/d and H = log d − s/d. (When m grows to m', s becomes e^(m−m')·(s + (m−m')·d).)
 
 backends: "native" (CPU production path and the torch reference: chunked, oneDNN-packed chunks on CPU),
 "triton" (the kernel in helios.kernels.exit_head; on CPU tensors it runs under TRITON_INTERPRET=1).
@@ -56,24 +56,27 @@ def exit_head_native(hidden: torch.Tensor, head: PackedHead | torch.Tensor, norm
     token = torch.zeros(rows, dtype=torch.int64, device=x.device)
     for start, linear in head.chunks:
         z = linear(x).float()  # [B, chunk]
-        chunk_max = z.max(dim=1).values
-        m_new = torch.maximum(m, chunk_max)
-        scale = torch.exp(m - m_new)
-        e = torch.exp(z - m_new[:, None])
-        d = d * scale + e.sum(1)
-        s = s * scale + (z * e).sum(1)
-        m = m_new
         k = min(2, z.shape[1])
-        values, index = z.topk(k, dim=1)
+        values, index = z.topk(k, dim=1)  # also the chunk max: one pass fewer
         v1 = values[:, 0]
         v2 = values[:, 1] if k == 2 else torch.full_like(v1, float("-inf"))
         better = v1 > top1  # strict: ties keep the lower token id, like argmax
         top2 = torch.where(better, torch.maximum(top1, v2), torch.maximum(top2, v1))
         top1 = torch.where(better, v1, top1)
         token = torch.where(better, index[:, 0] + start, token)
+        m_new = torch.maximum(m, v1)
+        shift = m - m_new  # <= 0; -inf on the first chunk, where d = s = 0
+        scale = torch.exp(shift)
+        s = torch.where(torch.isfinite(shift), scale * (s + shift * d), s)
+        d = d * scale
+        zs = z.sub_(m_new[:, None])  # in place: z − m'
+        e = torch.exp(zs)
+        d = d + e.sum(1)
+        s = s + torch.linalg.vecdot(zs, e)
+        m = m_new
     p1 = torch.exp(top1 - m) / d
     p2 = torch.exp(top2 - m) / d
-    entropy = m + torch.log(d) - s / d
+    entropy = torch.log(d) - s / d
     return token, p1, p2, entropy
 
 

@@ -41,7 +41,7 @@ def extensions():
     want_cuda = mode == "cuda" or (mode == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
     if mode == "cuda" and (torch.version.cuda is None or CUDA_HOME is None):
         sys.exit("HELIOS_BUILD_EXT=cuda needs a CUDA build of torch and nvcc (CUDA_HOME)")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]  # the C++ standard is torch's choice (C++20 for torch 2.13)
     if os.environ.get("HELIOS_NATIVE", "1") == "1":
         cxx.append("-march=native")  # source builds run where they are built; HELIOS_NATIVE=0 for portable wheels
     if want_cuda:

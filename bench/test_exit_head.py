@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios.model.layers import Norm
 from helios.ops.exit_head import PackedHead, exit_head, exit_head_native, exit_head_unfused
+from helios.ops.norm import Norm
 
 SHAPES = {"smollm2": (576, 49152), "opt-1.3b": (2048, 50272)}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

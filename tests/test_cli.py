@@ -24,7 +24,7 @@ def test_info_reports_layers_and_memory(checkpoints, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["loaded_layers"] == 2 and info["total_layers"] == 4 and info["kv_blocks_total"] == 10
     # fp32 parameters, plus a packed copy of the LM head (300 x 48) when oneDNN is used
-    from helios.model.layers import onednn_linear_supported
+    from helios.ops.linear import onednn_linear_supported
 
     head_copy = 4 * 300 * 48 if onednn_linear_supported(__import__("torch").float32) else 0
     assert info["loaded_parameters"] > 0 and info["weight_bytes"] == 4 * info["loaded_parameters"] + head_copy

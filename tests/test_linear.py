@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios.model import layers
+from helios.ops import linear as layers
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 130])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from helios.model.layers import Norm
 from helios.ops import AttentionMetadata, PagedAttentionOps
 from helios.ops.exit_head import PackedHead
+from helios.ops.norm import Norm
 
 
 class DecoderModel:

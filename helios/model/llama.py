@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from helios.model.base import DecoderModel
-from helios.model.layers import Linear, Norm, RotaryEmbedding, WeightReader, rms_norm
+from helios.model.layers import RotaryEmbedding, WeightReader
 from helios.ops import AttentionMetadata, PagedAttentionOps
+from helios.ops.linear import Linear
+from helios.ops.norm import Norm, rms_norm
 
 
 @dataclass

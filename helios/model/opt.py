@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from helios.model.base import DecoderModel
-from helios.model.layers import Linear, Norm, WeightReader
+from helios.model.layers import WeightReader
 from helios.ops import AttentionMetadata, PagedAttentionOps
+from helios.ops.linear import Linear
+from helios.ops.norm import Norm
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 

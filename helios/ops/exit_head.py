@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from helios.model.layers import Linear, Norm
+from helios.ops.linear import Linear
+from helios.ops.norm import Norm
 
 CHUNK = 8192  # vocabulary rows per chunk: [B, 8192] fp32 transient instead of [B, vocab]
 

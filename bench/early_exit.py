@@ -185,10 +185,11 @@ def main() -> None:
             for layer in o.outputs[0].exit_layers:
                 hist[layer] = hist.get(layer, 0) + 1
         early = sum(n for layer, n in hist.items() if layer < stats["loaded_layers"]) / tokens
+        policy, depth = llm.engine.exit_policy, stats["loaded_layers"]
         breaches = sum(1 for o in outs for layer, c in zip(o.outputs[0].exit_layers, o.outputs[0].confidences,
                                                               strict=True)
-                       if config is not None and layer == stats["loaded_layers"] and not bool(
-                           config.passes(torch.tensor(c), torch.tensor(0.0), torch.tensor(c))))
+                       if policy is not None and layer == depth and not bool(
+                           policy.passes(depth, torch.tensor(c), torch.tensor(0.0), torch.tensor(c))))
         row = {"config": name, "tok_s": round(tokens / elapsed, 1), "vs_plain": round(plain_elapsed / elapsed, 2),
                "early_exit_rate": round(early, 3),
                "exit_histogram": dict(sorted(hist.items())), "breaches": breaches,

@@ -17,6 +17,7 @@ from helios.config import EngineConfig
 from helios.engine.outputs import CompletionOutput, RequestOutput
 from helios.engine.scheduler import ScheduledSeq, Scheduler
 from helios.engine.sequence import Sequence
+from helios.exits.heads import ExitHeads, find_model_heads
 from helios.kv.cache import KVCache, blocks_for_budget, kv_bytes_per_token
 from helios.model.checkpoint import Checkpoint
 from helios.model.registry import check_supported, load_model
@@ -75,10 +76,9 @@ class LLMEngine:
         self.kv_cache = KVCache(num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
                                 self.model.head_dim, self.dtype, self.device)
         self.early_exit = config.early_exit
-        if self.early_exit is not None:
-            self.exit_layers = self.early_exit.exit_layers(num_layers)  # validates layers against the depth
+        self.exit_policy = self._exit_policy(num_layers)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed,
-                                  early_exit=self.early_exit)
+                                  exit_policy=self.exit_policy)
         self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens,
                                    prefix_caching=config.enable_prefix_caching)
         self.eos_token_ids = self._eos_ids()
@@ -86,6 +86,20 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.exit_histogram: Counter[int] = Counter()  # 1-based exit layer -> generated tokens
         self.num_breaches = 0
+
+    def _exit_policy(self, num_layers: int):
+        """Loads trained exit heads (ExitConfig.heads, else the model's helios_exits/ folder) and resolves the
+        exit layers and thresholds; None without early exit."""
+        if self.early_exit is None:
+            return None
+        heads_dir = self.early_exit.heads or find_model_heads(self.source.path)
+        heads = None
+        if heads_dir is not None:
+            heads = ExitHeads.load(heads_dir, dtype=self.dtype, device=self.device)
+            heads.check_model(self.model, heads_dir)
+            self.model.exit_heads = heads
+        self.exit_heads_dir = heads_dir
+        return self.early_exit.policy(num_layers, heads)
 
     def _activation_bytes(self) -> int:
         m, size = self.model, torch.empty((), dtype=self.dtype).element_size()
@@ -244,9 +258,10 @@ class LLMEngine:
             "kv_blocks_cached": kv.allocator.num_cached_blocks,
             "num_generated_tokens": self.num_generated_tokens,
             "attention_backend": self.model.ops.backend,
-            "early_exit": None if self.early_exit is None else {
-                "layers": list(self.exit_layers), "confidence": self.early_exit.confidence,
-                "threshold": self.early_exit.threshold},
+            "early_exit": None if self.exit_policy is None else {
+                "layers": list(self.exit_policy.layers), "confidence": self.exit_policy.confidence,
+                "thresholds": self.exit_policy.thresholds,
+                "heads": None if self.exit_heads_dir is None else str(self.exit_heads_dir)},
             "exit_histogram": dict(sorted(self.exit_histogram.items())),
             "num_breaches": self.num_breaches,
         }

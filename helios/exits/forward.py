@@ -17,7 +17,7 @@ import torch
 
 from helios.engine.sampler import sample
 from helios.engine.scheduler import ScheduledSeq
-from helios.exits.config import ExitConfig
+from helios.exits.config import ExitPolicy
 from helios.model.base import DecoderModel
 from helios.ops.attention import AttentionMetadata, DenseSeq
 
@@ -64,25 +64,29 @@ def drop_paged_rows(meta: AttentionMetadata, keep: list[bool], device: torch.dev
 
 
 class ExitForward:
-    def __init__(self, model: DecoderModel, config: ExitConfig, kv_layers, generator: torch.Generator):
+    def __init__(self, model: DecoderModel, policy: ExitPolicy, kv_layers, generator: torch.Generator):
         self.model = model
-        self.config = config
-        self.exits = set(config.exit_layers(model.loaded_layers))
+        self.policy = policy
+        self.exits = set(policy.layers)
         self.kv_layers = kv_layers
         self.generator = generator
 
     def _decide(self, hidden_rows: torch.Tensor, seqs: list, layer: int, final: bool) -> list[TokenChoice | None]:
         """Exit test at `layer` for these rows; None for rows that stay (never at the final layer)."""
         greedy = all(s.params.greedy for s in seqs)
-        if final or not greedy:
-            logits = self.model.compute_logits(hidden_rows).float()
+        if final:
+            logits = self.model.compute_logits(hidden_rows).float()  # exactly plain decoding's last layer
+        elif not greedy:
+            logits = self.model.exit_logits(hidden_rows, layer).float()
+        else:
+            logits = None
+        if logits is not None:
             p1, p2, entropy = confidence_from_logits(logits)
             tokens = None
         else:
-            tokens, p1, p2, entropy = self.model.exit_head(hidden_rows)
-            logits = None
-        passed = self.config.passes(p1, p2, entropy).tolist()
-        measure = self.config.measure(p1, p2, entropy).tolist()
+            tokens, p1, p2, entropy = self.model.exit_head(hidden_rows, layer)
+        passed = self.policy.passes(layer, p1, p2, entropy).tolist()
+        measure = self.policy.measure(p1, p2, entropy).tolist()
         leaving = [i for i, ok in enumerate(passed) if ok or final]
         if not leaving:
             return [None] * len(seqs)

@@ -26,6 +26,7 @@ class DecoderModel:
     lm_head: torch.Tensor  # [vocab, d_head_input], the plain tensor (the Triton exit head reads it)
     head: PackedHead  # the same weights in vocabulary chunks prepared for fast matmuls
     project_out: torch.Tensor | None = None  # OPT-350m style projection between the final norm and the head
+    exit_heads = None  # ExitHeads: trained adapters per exit layer (None: the plain logit lens)
 
     def __init__(self, ops: PagedAttentionOps):
         self.ops = ops
@@ -57,18 +58,39 @@ class DecoderModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(self.head_input(hidden))
 
-    def exit_head(self, hidden: torch.Tensor):
-        """(token, p1, p2, entropy) of each row at an exit: norm + LM head fused, no [B, vocab] logits."""
+    def _adapt(self, hidden: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, Norm | None]:
+        """The exit's adapter (before the norm) and its norm, for the 1-based exit `layer`."""
+        adapter = None if self.exit_heads is None or layer is None else self.exit_heads.adapters.get(layer)
+        if adapter is None:
+            return hidden, self.final_norm
+        norm = self.final_norm
+        if adapter.norm_weight is not None and norm is not None:
+            norm = Norm(norm.kind, adapter.norm_weight, norm.bias, norm.eps)
+        return adapter(hidden), norm
+
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Full logits at an exit (sampled rows need the whole distribution)."""
+        hidden, norm = self._adapt(hidden, layer)
+        x = norm(hidden) if norm is not None else hidden
+        if self.project_out is not None:
+            x = torch.nn.functional.linear(x, self.project_out)
+        return self.head.logits(x)
+
+    def exit_head(self, hidden: torch.Tensor, layer: int | None = None):
+        """(token, p1, p2, entropy) of each row at an exit: adapter, then norm + LM head fused, no [B, vocab]
+        logits."""
         from helios.ops.exit_head import exit_head, exit_head_native
 
-        if hidden.is_cuda and self.project_out is None:
-            n = self.final_norm
+        hidden, norm = self._adapt(hidden, layer)
+        if self.project_out is not None:
+            x = norm(hidden) if norm is not None else hidden
+            return exit_head_native(torch.nn.functional.linear(x, self.project_out), self.head, None)
+        if hidden.is_cuda:
+            n = norm
             kind = "none" if n is None else n.kind
             return exit_head(hidden, self.lm_head, None if n is None else n.weight, None if n is None else n.bias,
                              norm=kind, eps=1e-5 if n is None else n.eps)
-        if self.project_out is None:
-            return exit_head_native(hidden, self.head, self.final_norm)
-        return exit_head_native(self.head_input(hidden), self.head, None)
+        return exit_head_native(hidden, self.head, norm)
 
     def _finish_loading(self, reader, tied: bool) -> None:
         """Loads the LM head (the input embedding when tied), prepares it for matmuls, and records the memory

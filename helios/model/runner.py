@@ -7,7 +7,7 @@ import torch
 
 from helios.engine.sampler import sample
 from helios.engine.scheduler import ScheduledSeq
-from helios.exits.config import ExitConfig
+from helios.exits.config import ExitPolicy
 from helios.exits.forward import ExitForward, TokenChoice
 from helios.kv.cache import KVCache
 from helios.model.base import DecoderModel
@@ -17,13 +17,13 @@ from helios.ops.attention import DenseSeq
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, kv_cache: KVCache, device: torch.device, seed: int = 0,
-                 early_exit: ExitConfig | None = None):
+                 exit_policy: ExitPolicy | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_layers = kv_cache.layers()
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
-        self.exits = ExitForward(model, early_exit, self.kv_layers, self.generator) if early_exit else None
+        self.exits = ExitForward(model, exit_policy, self.kv_layers, self.generator) if exit_policy else None
 
     def prepare(self, batch: list[ScheduledSeq]):
         allocator = self.kv_cache.allocator

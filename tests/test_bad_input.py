@@ -110,25 +110,26 @@ def test_corrupt_checkpoint_header(checkpoints, tmp_path):
         LLM(path, kv_cache_blocks=8)
 
 
-def test_checkpoint_missing_a_layer(checkpoints, tmp_path):
+def _copy_without(src, dst, tensor_name):
+    """A copy of checkpoint `src` whose safetensors file lacks one tensor."""
     from safetensors.torch import load_file, save_file
 
-    path = _copy(checkpoints["llama"], tmp_path / "m")
+    path = _copy(src, dst)
     tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.3.mlp.down_proj.weight"]
+    del tensors[tensor_name]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_checkpoint_missing_a_layer(checkpoints, tmp_path):
+    path = _copy_without(checkpoints["llama"], tmp_path / "m", "model.layers.3.mlp.down_proj.weight")
     with pytest.raises(ValueError, match="layers.3.mlp.down_proj"):
         LLM(path, kv_cache_blocks=8)
     assert LLM(path, num_layers=3, kv_cache_blocks=8).stats()["loaded_layers"] == 3  # layer 4 never read
 
 
 def test_untied_checkpoint_without_lm_head(checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    path = _copy(checkpoints["llama"], tmp_path / "m")
-    tensors = load_file(path / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    path = _copy_without(checkpoints["llama"], tmp_path / "m", "lm_head.weight")
     with pytest.raises(ValueError, match="lm_head.weight"):
         LLM(path, kv_cache_blocks=8)
 

@@ -133,8 +133,8 @@ class ExitForward:
                 continue
             gone = torch.tensor([i for i, k in enumerate(keep) if not k], dtype=torch.int64, device=device)
             frozen.append((hidden[gone], positions[gone], meta.slot_mapping[gone]))
-            rows = torch.tensor([r for r, k in zip(range(hidden.shape[0]), self._row_keep(keep, meta), strict=True)
-                                 if k], dtype=torch.int64, device=device)
+            rows = torch.tensor([r for r, k in enumerate(self._row_keep(keep, meta)) if k], dtype=torch.int64,
+                                device=device)
             hidden, positions = hidden[rows], positions[rows]
             meta = drop_paged_rows(meta, keep, device)
             current = [s for s, k in zip(current, keep, strict=True) if k]

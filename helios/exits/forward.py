@@ -106,12 +106,12 @@ class ExitForward:
         seqs = [item.seq for item in batch]
         choices: list[TokenChoice | None] = [None] * len(batch)
         current = list(range(len(batch)))  # current[i] = original index of the i-th sequence in `meta`
-        frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (hidden, positions, slots) that left
+        frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (hidden, positions, slots) that left
         hidden = model.embed(input_ids, positions)
         for index in range(depth):
             layer = index + 1
-            if frozen:
-                f_hidden, f_pos, f_slots = (torch.cat(parts) for parts in zip(*frozen, strict=True))
+            if frozen is not None:
+                f_hidden, f_pos, f_slots = frozen
                 model.fill_kv(index, f_hidden, f_pos, self.kv_layers[index], f_slots)
             if current:
                 hidden = model.layer(index, hidden, positions, self.kv_layers[index], meta)
@@ -132,7 +132,9 @@ class ExitForward:
             if final or all(keep):
                 continue
             gone = torch.tensor([i for i, k in enumerate(keep) if not k], dtype=torch.int64, device=device)
-            frozen.append((hidden[gone], positions[gone], meta.slot_mapping[gone]))
+            leaving = (hidden[gone], positions[gone], meta.slot_mapping[gone])
+            # concatenated once here, when rows leave, not in every deeper layer
+            frozen = leaving if frozen is None else tuple(torch.cat(pair) for pair in zip(frozen, leaving, strict=True))
             rows = torch.tensor([r for r, k in enumerate(self._row_keep(keep, meta)) if k], dtype=torch.int64,
                                 device=device)
             hidden, positions = hidden[rows], positions[rows]

@@ -133,7 +133,7 @@ class PagedAttentionOps:
     def attention(self, query, key, value, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int = -1) -> torch.Tensor:
         """Attention of this step's queries; key/value are this step's (already stored in the cache)."""
-        if meta.num_paged_seqs is None or sliding_window > 0:
+        if meta.num_paged_seqs is None or sliding_window > 0 or not meta.dense:  # all paged: no copy into `out`
             return self.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
         out = torch.empty_like(query)
         paged_tokens = meta.num_paged_tokens

@@ -11,11 +11,17 @@ TORCH_LIBRARY(helios, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window) -> ()");
+  m.def("softmax_rows_(Tensor(a!) logits) -> (Tensor, Tensor)");
+  m.def(
+      "distill_rows_(Tensor(a!) logits, Tensor probs, Tensor target, float ce_weight, float grad_scale, "
+      "bool write_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(helios, CPU, m) {
   m.impl("store_kv", &helios::store_kv_cpu);
   m.impl("paged_attention", &helios::paged_attention_cpu);
+  m.impl("softmax_rows_", &helios::softmax_rows_cpu);
+  m.impl("distill_rows_", &helios::distill_rows_cpu);
 }
 
 namespace py = pybind11;

@@ -202,19 +202,39 @@ class LLMEngine:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced float32 logits [len(token_ids), vocab] through the loaded layers (uses free KV blocks)."""
+        hidden = self.hidden_states([token_ids], [self.model.loaded_layers])[self.model.loaded_layers]
+        return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def hidden_states(self, windows: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
+        """Teacher-forced hidden states after each listed 1-based layer: {layer: [total tokens, d]}, the
+        windows' tokens in order. One forward for all windows; needs an idle engine and free KV blocks."""
         if self.has_unfinished():
-            raise RuntimeError("prompt_logits needs an idle engine")
-        seq = Sequence("score", "", token_ids, SamplingParams(max_tokens=1))
+            raise RuntimeError("hidden_states needs an idle engine")
+        depth = self.model.loaded_layers
+        if not layers or any(not 1 <= layer <= depth for layer in layers):
+            raise ValueError(f"layers {sorted(layers)} must lie in 1..{depth} (the loaded layers)")
+        seqs = [Sequence("score", "", list(w), SamplingParams(max_tokens=1)) for w in windows]
         allocator = self.kv_cache.allocator
-        if not allocator.can_hold(seq.seq_id, seq.num_tokens):
-            raise ValueError(f"{seq.num_tokens} tokens do not fit in the free KV blocks")
-        allocator.ensure_capacity(seq.seq_id, seq.num_tokens)
         try:
-            input_ids, positions, meta, _ = self.runner.prepare([ScheduledSeq(seq, seq.num_tokens)])
-            hidden = self.model.forward(input_ids, positions, self.kv_cache.layers(), meta)
-            return self.model.compute_logits(hidden).float()
+            for seq in seqs:
+                if seq.num_tokens > self.max_model_len:
+                    raise ValueError(f"a window of {seq.num_tokens} tokens exceeds max_model_len={self.max_model_len}")
+                if not allocator.can_hold(seq.seq_id, seq.num_tokens):
+                    raise ValueError(f"{sum(s.num_tokens for s in seqs)} tokens do not fit in the free KV blocks")
+                allocator.ensure_capacity(seq.seq_id, seq.num_tokens)
+            input_ids, positions, meta, _ = self.runner.prepare([ScheduledSeq(s, s.num_tokens) for s in seqs])
+            hidden = self.model.embed(input_ids, positions)
+            kv_layers = self.kv_cache.layers()
+            states = {}
+            for i in range(max(layers)):
+                hidden = self.model.layer(i, hidden, positions, kv_layers[i], meta)
+                if i + 1 in layers:
+                    states[i + 1] = hidden
+            return states
         finally:
-            allocator.free_sequence(seq.seq_id)
+            for seq in seqs:
+                allocator.free_sequence(seq.seq_id)
 
     def reset_prefix_cache(self) -> None:
         self.kv_cache.allocator.reset_prefix_cache()

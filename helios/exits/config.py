@@ -69,7 +69,9 @@ class ExitConfig:
         return tuple(sorted({x for x in chosen if x < loaded_layers} | {loaded_layers}))
 
     def policy(self, loaded_layers: int, heads=None) -> ExitPolicy:
-        """Exit layers and the threshold at each, given the loaded depth and any trained heads."""
+        """Exit layers and the threshold at each, given the loaded depth and any trained heads. With calibrated
+        heads and no explicit threshold, exits that calibration switched off (no threshold reaches the target
+        precision there) are not checked at all: a check costs several layers' time."""
         layers = self.exit_layers(loaded_layers, heads.layers if heads is not None else None)
         calibrated = {}
         if self.threshold is None and heads is not None and heads.thresholds:
@@ -77,8 +79,10 @@ class ExitConfig:
                 raise ValueError(f"the exit heads were calibrated for confidence={heads.confidence!r}, not "
                                  f"{self.confidence!r}: pass an explicit ExitConfig.threshold or recalibrate")
             calibrated = heads.thresholds
+            layers = tuple(x for x in layers if x == loaded_layers or not (x in calibrated and calibrated[x] is None))
         default = DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
-        return ExitPolicy(self.confidence, layers, {layer: calibrated.get(layer, default) for layer in layers})
+        thresholds = {x: default if calibrated.get(x) is None else calibrated[x] for x in layers}
+        return ExitPolicy(self.confidence, layers, thresholds)
 
 
 DEFAULT_THRESHOLD = 0.9

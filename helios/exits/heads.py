@@ -53,7 +53,8 @@ class ExitHeads:
     fingerprint: str
     adapters: dict[int, ExitAdapter]  # 1-based exit layer -> adapter
     kind: str = "affine"
-    thresholds: dict[int, float] | None = None  # calibrated per-exit thresholds (confidence measure below)
+    # calibrated per-exit thresholds on the confidence measure below; None: the exit never reaches the target
+    thresholds: dict[int, float | None] | None = None
     confidence: str | None = None
     info: dict = field(default_factory=dict)  # producer's notes: training tokens, loss, held-out agreement...
 
@@ -107,7 +108,8 @@ class ExitHeads:
         thresholds = manifest.get("thresholds")
         known = {"format_version", "base_model_fingerprint", "adapter_kind", "exit_layers", "confidence", "thresholds"}
         return cls(fingerprint=manifest.get("base_model_fingerprint", ""), adapters=adapters, kind=kind,
-                   thresholds=None if thresholds is None else {int(k): float(v) for k, v in thresholds.items()},
+                   thresholds=None if thresholds is None else {int(k): None if v is None else float(v)
+                                                             for k, v in thresholds.items()},
                    confidence=manifest.get("confidence"),
                    info={k: v for k, v in manifest.items() if k not in known})
 

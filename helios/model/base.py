@@ -68,23 +68,27 @@ class DecoderModel:
             norm = Norm(norm.kind, adapter.norm_weight, norm.bias, norm.eps)
         return adapter(hidden), norm
 
-    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Full logits at an exit (sampled rows need the whole distribution)."""
+    def exit_head_input(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """What the LM head reads at an exit: adapter, the exit's norm, any output projection. Plain torch ops,
+        so exit tuning trains adapters through exactly this function."""
         hidden, norm = self._adapt(hidden, layer)
         x = norm(hidden) if norm is not None else hidden
         if self.project_out is not None:
             x = torch.nn.functional.linear(x, self.project_out)
-        return self.head.logits(x)
+        return x
+
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Full logits at an exit (sampled rows need the whole distribution)."""
+        return self.head.logits(self.exit_head_input(hidden, layer))
 
     def exit_head(self, hidden: torch.Tensor, layer: int | None = None):
         """(token, p1, p2, entropy) of each row at an exit: adapter, then norm + LM head fused, no [B, vocab]
         logits."""
         from helios.ops.exit_head import exit_head, exit_head_native
 
-        hidden, norm = self._adapt(hidden, layer)
         if self.project_out is not None:
-            x = norm(hidden) if norm is not None else hidden
-            return exit_head_native(torch.nn.functional.linear(x, self.project_out), self.head, None)
+            return exit_head_native(self.exit_head_input(hidden, layer), self.head, None)
+        hidden, norm = self._adapt(hidden, layer)
         if hidden.is_cuda:
             n = norm
             kind = "none" if n is None else n.kind

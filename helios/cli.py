@@ -1,4 +1,5 @@
-"""helios command line: `helios generate` streams a completion, `helios info` describes a model."""
+"""helios command line: `helios generate` streams a completion, `helios info` describes a model,
+`helios tune-exits` trains exit adapters, `helios calibrate` picks their thresholds."""
 
 from __future__ import annotations
 
@@ -70,6 +71,57 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        message = f"expected comma-separated layer numbers such as 10,20,24, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer number")
+    return layers
+
+
+def _print_table(header: list[str], rows: list[list]) -> None:
+    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def cmd_tune_exits(args) -> int:
+    from helios.exits.tuning import tune_exits
+
+    options = dict(max_tokens=args.max_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                   batch_tokens=args.batch_tokens, epochs=args.epochs, lr=args.lr, ce_weight=args.ce_weight,
+                   sample_fraction=args.sample_fraction,
+                   train_norm=args.train_norm, seed=args.seed)
+    heads = tune_exits(args.model, args.corpus, args.layers, args.out, eval_corpus=args.eval_corpus,
+                       **{k: v for k, v in options.items() if v is not None})
+    held = heads.info["held_out"]
+    print(f"trained on {heads.info['training']['tokens']:,} tokens in {heads.info['training']['seconds']:.0f} s; "
+          f"held-out top-1 agreement with the final layer ({held['tokens']:,} tokens):")
+    _print_table(["exit layer", "before", "after", "KL before", "KL after"],
+                 [[layer, r["agreement_before"], r["agreement_after"], r["kl_before"], r["kl_after"]]
+                  for layer, r in held["per_exit"].items()])
+    print(f"saved to {args.out}; next: helios calibrate --model {args.model} --heads {args.out} --corpus HELD_OUT")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from helios.exits.calibration import calibrate_exits
+
+    report = calibrate_exits(args.model, args.heads, args.corpus, args.target_precision,
+                             confidence=args.confidence, max_tokens=args.max_tokens, min_exits=args.min_exits,
+                             seed=args.seed)
+    print(f"{report['tokens']:,} held-out tokens, target precision {args.target_precision}:")
+    _print_table(["exit layer", "threshold", "exit rate", "precision"],
+                 [[layer, r["threshold"], r["exit_rate"], r["precision"]] for layer, r in report["per_exit"].items()])
+    print(f"early exits: {report['early_exit_rate']:.1%} of tokens, precision {report['early_exit_precision']}; "
+          f"thresholds written to {args.heads}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios", description="helios-serve: early-exit LLM serving runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +142,41 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--kv-cache-blocks", type=int, default=None)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    tune = sub.add_parser("tune-exits", help="train exit adapters by self-distillation on unlabeled text")
+    tune.add_argument("--model", default=DEFAULT_MODEL)
+    tune.add_argument("--corpus", nargs="+", required=True, help="training text: .txt, .jsonl or .json files")
+    tune.add_argument("--layers", type=_layer_list, required=True, help="exit layers, e.g. 10,20,24")
+    tune.add_argument("--out", required=True, help="directory for exit_heads.safetensors + manifest.json")
+    tune.add_argument("--eval-corpus", nargs="+", default=None,
+                      help="held-out text (default: every 10th window of --corpus, never trained on)")
+    tune.add_argument("--max-tokens", type=int, default=200_000, help="training tokens (default 200000)")
+    tune.add_argument("--eval-tokens", type=int, default=10_000)
+    tune.add_argument("--sample-fraction", type=float, default=None,
+                      help="share of positions per batch the loss is taken on (default 0.5)")
+    tune.add_argument("--seq-len", type=int, default=256)
+    tune.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimizer step")
+    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: TuneConfig's)")
+    tune.add_argument("--ce-weight", type=float, default=None,
+                      help="weight of top-1 cross-entropy next to KL (default 1.0; 0 = KL only)")
+    tune.add_argument("--no-train-norm", dest="train_norm", action="store_false", default=None,
+                      help="keep the final norm's weights at every exit (default: learn one per exit)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(func=cmd_tune_exits)
+
+    cal = sub.add_parser("calibrate", help="choose per-exit thresholds for a target precision on held-out text")
+    cal.add_argument("--model", default=DEFAULT_MODEL)
+    cal.add_argument("--heads", required=True, help="directory written by tune-exits")
+    cal.add_argument("--corpus", nargs="+", required=True, help="held-out text not used in training")
+    cal.add_argument("--target-precision", type=float, default=0.95,
+                     help="share of exiting tokens that must agree with the final layer (default 0.95)")
+    cal.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    cal.add_argument("--max-tokens", type=int, default=50_000)
+    cal.add_argument("--min-exits", type=int, default=50,
+                     help="an exit must let at least this many calibration tokens out, else it is switched off")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

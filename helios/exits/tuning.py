@@ -1,0 +1,251 @@
+"""Exit tuning: train one affine adapter per exit layer by self-distillation on unlabeled text.
+
+The base model stays frozen. Each batch runs the full model once, keeps the hidden states after every exit
+layer and the final layer's distribution (the teacher), and takes one Adam step for all adapters together.
+Adapters start at identity (= the plain logit lens) and are trained through `DecoderModel.exit_head_input`,
+the same function the runtime applies, so what is trained is what is served.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from helios.exits.corpus import batches, token_windows
+from helios.exits.distill import distill, teacher_targets
+from helios.exits.heads import ExitAdapter, ExitHeads, model_fingerprint
+
+
+@dataclass
+class TuneConfig:
+    layers: list[int]
+    max_tokens: int = 200_000  # training tokens per epoch
+    eval_tokens: int = 10_000  # held-out tokens (from eval_corpus, else held back from the training files)
+    seq_len: int = 256
+    batch_tokens: int = 1024
+    epochs: int = 1
+    lr: float = 1e-2
+    warmup_steps: int = 10
+    ce_weight: float = 1.0  # weight of top-1 cross-entropy next to the KL term (0: KL only)
+    # share of each batch's positions the loss is taken on (a fresh random subset per step, shared by all exits):
+    # the vocabulary-wide softmax of teacher and students costs more than the frozen forward, and neighbouring
+    # positions of a window carry much the same signal
+    sample_fraction: float = 0.5
+    train_norm: bool = True  # also learn an exit-specific norm weight (starts as the final norm's)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+            raise ValueError(f"layers must be a non-empty list of layer numbers, got {self.layers!r}")
+        self.layers = sorted(set(self.layers))
+        for name in ("max_tokens", "eval_tokens", "seq_len", "batch_tokens", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
+
+
+def _check_layers(layers: list[int], total: int) -> None:
+    bad = [x for x in layers if not 1 <= x < total]
+    if bad:
+        raise ValueError(f"exit layers {bad} are outside 1..{total - 1} (the model has {total} layers; the last "
+                         "one is the teacher)")
+
+
+def teacher_forcing_llm(model, window_tokens: int):
+    """An LLM for teacher-forced passes of up to `window_tokens` tokens at a time (float32, no prefix cache)."""
+    from helios import LLM
+
+    if isinstance(model, LLM):
+        if model.engine.dtype != torch.float32:
+            raise ValueError(f"exit tuning and calibration run in float32; this LLM is {model.engine.dtype}")
+        return model
+    from helios.model.source import resolve_model
+
+    config = resolve_model(model).config
+    max_len = min(window_tokens, getattr(config, "max_position_embeddings", None) or window_tokens)
+    block_size = 16
+    # windows are >= MIN_WINDOW = 16 tokens, so partly filled blocks at most double the count
+    blocks = 2 * -(-window_tokens // block_size) + 1
+    return LLM(model, dtype="float32", enable_prefix_caching=False, block_size=block_size, kv_cache_blocks=blocks,
+               max_model_len=max_len)
+
+
+def _trainable_heads(model, config: TuneConfig) -> ExitHeads:
+    adapters = {}
+    for layer in config.layers:
+        adapter = ExitAdapter.identity(model.hidden_size)
+        if config.train_norm and model.final_norm is not None and model.final_norm.weight is not None:
+            adapter.norm_weight = model.final_norm.weight.detach().float().clone()
+        for t in (adapter.weight, adapter.bias, adapter.norm_weight):
+            if t is not None:
+                t.requires_grad_(True)
+        adapters[layer] = adapter
+    return ExitHeads(model_fingerprint(model), adapters)
+
+
+def _parameters(heads: ExitHeads) -> list[torch.Tensor]:
+    return [t for a in heads.adapters.values() for t in (a.weight, a.bias, a.norm_weight) if t is not None]
+
+
+def _split_windows(tokenizer, corpus, eval_corpus, config: TuneConfig):
+    """Training windows and held-out windows; without eval_corpus, every 10th window of the training files is
+    held back (up to eval_tokens) and never trained on."""
+    if eval_corpus:
+        train = token_windows(tokenizer, corpus, config.max_tokens, config.seq_len, config.seed)
+        held = token_windows(tokenizer, eval_corpus, config.eval_tokens, config.seq_len, config.seed + 1)
+        return train, held
+    windows = token_windows(tokenizer, corpus, config.max_tokens + config.eval_tokens, config.seq_len, config.seed)
+    held, train, held_tokens = [], [], 0
+    for i, w in enumerate(windows):
+        if i % 10 == 9 and held_tokens < config.eval_tokens:
+            held.append(w)
+            held_tokens += len(w)
+        else:
+            train.append(w)
+    return train, held
+
+
+class HeldOut:
+    """Held-out hidden states computed once, scored before and after training."""
+
+    def __init__(self, engine, windows: list[list[int]], layers: list[int], batch_tokens: int):
+        final = engine.model.total_layers
+        self.model = engine.model
+        self.layers = layers
+        self.batches = []
+        for group in batches(windows, batch_tokens):
+            states = engine.hidden_states(group, layers + [final])
+            x_final = self.model.head_input(states[final])
+            self.batches.append(({layer: states[layer] for layer in layers}, x_final))
+        self.tokens = sum(len(w) for w in windows)
+
+    @torch.no_grad()
+    def score(self) -> dict[int, dict[str, float]]:
+        """Per exit: top-1 agreement with the final layer and mean KL(final ‖ exit) in nats."""
+        head = self.model.lm_head.float()
+        agree = dict.fromkeys(self.layers, 0)
+        kl = dict.fromkeys(self.layers, 0.0)
+        for states, x_final in self.batches:
+            teacher = teacher_targets(x_final, head)
+            for layer in self.layers:
+                r = distill(self.model.exit_head_input(states[layer], layer), head, teacher, want_grad=False)
+                agree[layer] += r.agree
+                kl[layer] += r.kl
+        return {layer: {"agreement": round(agree[layer] / self.tokens, 4), "kl": round(kl[layer] / self.tokens, 4)}
+                for layer in self.layers}
+
+
+def _sample_rows(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    if fraction >= 1:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[: max(1, round(n * fraction))].sort().values
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup (Adam's first steps are sign-like: at full rate they would shake the identity map), then
+    cosine decay to a tenth."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Path | None = None, *,
+               eval_corpus: list[str | Path] | None = None, progress: bool = True, **options) -> ExitHeads:
+    """Trains exit adapters for `layers` of `model` (an alias, path or LLM) on the text files `corpus` and
+    returns them as ExitHeads (also saved to `out` when given). options: the fields of TuneConfig."""
+    config = TuneConfig(layers=list(layers), **options)
+    started = time.perf_counter()
+    llm = teacher_forcing_llm(model, max(config.batch_tokens, config.seq_len))
+    engine, m = llm.engine, llm.engine.model
+    if m.loaded_layers != m.total_layers:
+        raise ValueError(f"exit tuning needs the whole model (the final layer is the teacher): {m.loaded_layers} "
+                         f"of {m.total_layers} layers are loaded")
+    _check_layers(config.layers, m.total_layers)
+    if config.seq_len > engine.max_model_len:
+        raise ValueError(f"seq_len={config.seq_len} exceeds the model's max_model_len={engine.max_model_len}")
+    train, held = _split_windows(engine.tokenizer, corpus, eval_corpus, config)
+    if not held:
+        raise ValueError("no held-out text: pass eval_corpus or more training text")
+
+    heads = _trainable_heads(m, config)
+    previous, m.exit_heads = m.exit_heads, heads
+    try:
+        held_out = HeldOut(engine, held, config.layers, config.batch_tokens)
+        before = held_out.score()
+        losses = _train(engine, heads, train, config, progress)
+        after = held_out.score()
+    finally:
+        m.exit_heads = previous
+    for adapter in heads.adapters.values():
+        for name in ("weight", "bias", "norm_weight"):
+            t = getattr(adapter, name)
+            if t is not None:
+                setattr(adapter, name, t.detach())
+
+    train_tokens = sum(len(w) for w in train)
+    heads.info = {
+        "training": {"corpus": [str(p) for p in corpus], "tokens": train_tokens, "epochs": config.epochs,
+                     "seq_len": config.seq_len, "batch_tokens": config.batch_tokens, "lr": config.lr,
+                     "ce_weight": config.ce_weight, "sample_fraction": config.sample_fraction,
+                     "train_norm": config.train_norm, "seed": config.seed,
+                     "final_loss": {str(k): v for k, v in losses.items()},
+                     "seconds": round(time.perf_counter() - started, 1)},
+        "held_out": {"corpus": [str(p) for p in (eval_corpus or corpus)], "tokens": held_out.tokens,
+                     "separate_files": bool(eval_corpus),
+                     "per_exit": {str(layer): {"agreement_before": before[layer]["agreement"],
+                                               "agreement_after": after[layer]["agreement"],
+                                               "kl_before": before[layer]["kl"], "kl_after": after[layer]["kl"]}
+                                  for layer in config.layers}},
+    }
+    if out is not None:
+        heads.save(out)
+    return heads
+
+
+def _train(engine, heads: ExitHeads, windows: list[list[int]], config: TuneConfig,
+           progress: bool) -> dict[int, float]:
+    """Adam over all adapters; returns each exit's mean training loss over the last tenth of the steps."""
+    m = engine.model
+    final = m.total_layers
+    head = m.lm_head.float()
+    params = _parameters(heads)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    groups = list(batches(windows, config.batch_tokens))
+    total_steps = len(groups) * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, total_steps, min(config.warmup_steps, max(1, total_steps // 5))))
+    history: dict[int, list[float]] = {layer: [] for layer in config.layers}
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(total=sum(len(w) for w in windows) * config.epochs, unit="tok", desc="tuning exits",
+               disable=not progress)
+    with bar:
+        for _ in range(config.epochs):
+            for group in groups:
+                states = engine.hidden_states(group, config.layers + [final])
+                rows = _sample_rows(states[final].shape[0], config.sample_fraction, generator)
+                teacher = teacher_targets(m.head_input(states[final][rows]), head)
+                optimizer.zero_grad(set_to_none=True)
+                for layer in config.layers:
+                    # indexing copies out of the inference-mode hidden states into tensors autograd may save
+                    x = m.exit_head_input(states[layer][rows], layer)
+                    result = distill(x.detach(), head, teacher, config.ce_weight)
+                    x.backward(result.grad)
+                    history[layer].append((result.kl + config.ce_weight * result.ce) / len(rows))
+                optimizer.step()
+                scheduler.step()
+                bar.update(sum(len(w) for w in group))
+                bar.set_postfix({f"kl@{layer}": f"{history[layer][-1]:.3f}" for layer in config.layers})
+    tail = max(1, total_steps // 10)
+    return {layer: round(sum(v[-tail:]) / len(v[-tail:]), 4) for layer, v in history.items()}

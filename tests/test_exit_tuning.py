@@ -1,0 +1,211 @@
+"""Exit tuning and calibration on tiny checkpoints: corpus windows, teacher-forced hidden states, training lowers
+held-out KL, thresholds meet the target precision, the runtime serves what calibration wrote, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helios import LLM, ExitConfig, SamplingParams
+from helios.cli import main
+from helios.exits.calibration import ExitStats, calibrate_exits, choose_thresholds, exit_report
+from helios.exits.corpus import _fair_shares, batches, read_documents, token_windows
+from helios.exits.heads import ExitHeads
+from helios.exits.tuning import tune_exits
+from tests.conftest import PROMPTS
+
+WORDS = ("the of and to in is was for on that with as fox time water boils sea shells numbers one two three "
+         "she he it they we you add def return upon there once quick brown jumps over lazy dog").split()
+
+
+def write_corpus(path, seed, sentences=120):
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(sentences):
+        picks = torch.randint(0, len(WORDS), (int(torch.randint(6, 14, (1,), generator=g)),), generator=g)
+        lines.append(" ".join(WORDS[i] for i in picks) + ".")
+    path.write_text(" ".join(PROMPTS) + "\n" + "\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return write_corpus(root / "train.txt", 0, 400), write_corpus(root / "heldout.txt", 1, 120)
+
+
+# ---- corpus -------------------------------------------------------------------------------------------------
+
+def test_documents_from_text_jsonl_and_json(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "b.jsonl").write_text('{"question": "Q?", "answer": "A.", "id": 3}\n\n{"text": "T"}\n"S"\n')
+    (tmp_path / "c.json").write_text('[{"document": "D"}, "E"]')
+    assert list(read_documents(tmp_path / "a.txt")) == ["plain text"]
+    assert list(read_documents(tmp_path / "b.jsonl")) == ["Q?\n\nA.", "T", "S"]
+    assert list(read_documents(tmp_path / "c.json")) == ["D", "E"]
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        list(read_documents(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(read_documents(tmp_path / "missing.txt"))
+
+
+def test_fair_shares_give_unused_budget_to_longer_sources():
+    assert _fair_shares([1000, 1000], 600) == [300, 300]
+    assert _fair_shares([100, 1000, 1000], 900) == [100, 400, 400]
+    assert _fair_shares([50, 60], 1000) == [50, 60]
+
+
+def test_token_windows_mix_sources_within_budget(checkpoints, corpora):
+    tokenizer = LLM(checkpoints["llama"], kv_cache_blocks=16).get_tokenizer()
+    windows = token_windows(tokenizer, list(corpora), max_tokens=1000, seq_len=64)
+    sizes = [len(w) for w in windows]
+    assert max(sizes) <= 64 and min(sizes) >= 16 and 900 <= sum(sizes) <= 1000
+    assert windows != token_windows(tokenizer, list(corpora), 1000, 64, seed=1)  # shuffled by seed
+    assert [len(g) for g in batches([[0] * 10] * 5, 25)] == [2, 2, 1]
+    with pytest.raises(ValueError, match="seq_len"):
+        token_windows(tokenizer, list(corpora), 1000, 8)
+
+
+# ---- teacher-forced hidden states ------------------------------------------------------------------------------
+
+def test_hidden_states_of_a_batch_equal_one_window_at_a_time(checkpoints):
+    llm = LLM(checkpoints["qwen2"], kv_cache_blocks=64)
+    tok = llm.get_tokenizer()
+    windows = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    together = llm.engine.hidden_states(windows, [2, 4])
+    start = 0
+    for w in windows:
+        alone = llm.engine.hidden_states([w], [2, 4])
+        for layer in (2, 4):
+            torch.testing.assert_close(together[layer][start:start + len(w)], alone[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(llm.engine.model.compute_logits(alone[4]), llm.engine.prompt_logits(w))
+        start += len(w)
+    with pytest.raises(ValueError, match="1..4"):
+        llm.engine.hidden_states(windows, [5])
+    assert llm.engine.kv_cache.allocator.num_free == 64  # every block handed back
+
+
+# ---- tuning ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tuned(peaked_checkpoints, corpora, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "llama"
+    heads = tune_exits(peaked_checkpoints["llama"], [corpora[0]], [1, 2], out, eval_corpus=[corpora[1]],
+                       max_tokens=3000, eval_tokens=800, seq_len=64, batch_tokens=256, lr=1e-2, progress=False)
+    return heads, out
+
+
+def test_tuning_lowers_held_out_kl_and_records_it(tuned, peaked_checkpoints):
+    heads, out = tuned
+    per_exit = heads.info["held_out"]["per_exit"]
+    for layer in ("1", "2"):
+        assert per_exit[layer]["kl_after"] < 0.8 * per_exit[layer]["kl_before"]
+    assert heads.info["training"]["tokens"] > 2500 and heads.info["held_out"]["separate_files"]
+    # the adapters moved away from identity, and what was saved is what was returned
+    loaded = ExitHeads.load(out)
+    assert loaded.layers == [1, 2] and loaded.info == json.loads(json.dumps(heads.info))
+    for layer in (1, 2):
+        assert not torch.allclose(loaded.adapters[layer].weight, torch.eye(48))
+        assert torch.equal(loaded.adapters[layer].weight, heads.adapters[layer].weight)
+    loaded.check_model(LLM(peaked_checkpoints["llama"], kv_cache_blocks=16).engine.model, out)
+
+
+def test_tuning_rejects_bad_arguments(peaked_checkpoints, corpora):
+    path = peaked_checkpoints["llama"]
+    with pytest.raises(ValueError, match="outside 1..3"):
+        tune_exits(path, [corpora[0]], [4], max_tokens=500, progress=False)
+    with pytest.raises(ValueError, match="sample_fraction"):
+        tune_exits(path, [corpora[0]], [1], max_tokens=500, sample_fraction=0, progress=False)
+    with pytest.raises(ValueError, match="whole model"):
+        tune_exits(LLM(path, num_layers=2, kv_cache_blocks=64), [corpora[0]], [1], max_tokens=500, progress=False)
+
+
+# ---- calibration -----------------------------------------------------------------------------------------------
+
+def brute_force_thresholds(stats: ExitStats, target: float, min_exits: int):
+    """Tries every distinct score as the cut, exits in order (the oracle for choose_thresholds)."""
+    remaining = torch.ones(stats.num_tokens, dtype=torch.bool)
+    chosen = {}
+    for layer in stats.layers:
+        score, agree = stats.score(layer), stats.agree[layer]
+        best = None
+        for cut in sorted(set(score[remaining].tolist())):
+            leaving = remaining & (score >= cut)
+            n = int(leaving.sum())
+            if n >= min_exits and int((leaving & agree).sum()) / n >= target:
+                best = cut
+                break
+        chosen[layer] = None if best is None else (-best if stats.confidence == "entropy" else best)
+        if best is not None:
+            remaining &= ~(score >= best)
+    return chosen
+
+
+@pytest.mark.parametrize("confidence", ["max_prob", "entropy"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_thresholds_are_the_lowest_meeting_the_target_exit_by_exit(confidence, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 400
+    values, agree = {}, {}
+    for layer, skill in ((3, 0.5), (6, 0.8), (9, 1.2)):
+        conf = torch.rand(n, generator=g)
+        conf = (conf * 20).round() / 20  # ties, as real confidences have
+        agree[layer] = torch.rand(n, generator=g) < conf * skill
+        values[layer] = 3 * (1 - conf) if confidence == "entropy" else conf
+    stats = ExitStats(confidence, values, agree)
+    for target in (0.7, 0.9, 0.99):
+        thresholds = choose_thresholds(stats, target, min_exits=20)
+        assert thresholds == pytest.approx(brute_force_thresholds(stats, target, 20))
+        report = exit_report(stats, thresholds)
+        for layer, row in report["per_exit"].items():
+            if thresholds[layer] is not None:
+                assert row["precision"] >= target and row["exits"] >= 20
+        assert report["early_exit_rate"] == pytest.approx(sum(r["exit_rate"] for r in report["per_exit"].values()),
+                                                          abs=1e-3)
+    assert choose_thresholds(stats, 1.0, min_exits=n)[3] is None  # unreachable: the exit is switched off
+
+
+def test_calibration_writes_thresholds_the_runtime_serves(tuned, peaked_checkpoints, corpora):
+    heads, out = tuned
+    report = calibrate_exits(peaked_checkpoints["llama"], out, [corpora[1]], 0.8, max_tokens=1500, seq_len=64,
+                             batch_tokens=256, min_exits=10, progress=False)
+    loaded = ExitHeads.load(out)
+    assert loaded.confidence == "max_prob" and loaded.info["calibration"]["target_precision"] == 0.8
+    assert loaded.info["held_out"] == heads.info["held_out"]  # tuning notes kept
+    on = {layer: t for layer, t in loaded.thresholds.items() if t is not None}
+    assert on, "expected at least one exit to reach precision 0.8 on this model"
+    for layer, threshold in on.items():
+        row = report["per_exit"][layer]
+        assert row["threshold"] == pytest.approx(threshold) and row["precision"] >= 0.8
+    llm = LLM(peaked_checkpoints["llama"], kv_cache_blocks=256, early_exit=ExitConfig(heads=out))
+    policy = llm.engine.exit_policy
+    assert set(policy.layers) == set(on) | {4}  # switched-off exits are not checked
+    for layer, threshold in on.items():
+        assert policy.thresholds[layer] == pytest.approx(threshold)
+    for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False):
+        for layer, conf in zip(o.outputs[0].exit_layers, o.outputs[0].confidences, strict=True):
+            assert layer == 4 or conf >= on[layer]
+
+
+def test_cli_tunes_and_calibrates(peaked_checkpoints, corpora, tmp_path, capsys):
+    model, out = str(peaked_checkpoints["opt"]), str(tmp_path / "opt_heads")
+    assert main(["tune-exits", "--model", model, "--corpus", str(corpora[0]), "--layers", "2,3", "--out", out,
+                 "--max-tokens", "1200", "--eval-tokens", "300", "--seq-len", "64", "--batch-tokens", "256",
+                 "--ce-weight", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "exit layer" in printed and "helios calibrate" in printed
+    heads = ExitHeads.load(out)
+    assert heads.layers == [2, 3] and heads.adapters[2].norm_weight is not None
+    assert not heads.info["held_out"]["separate_files"]
+    assert main(["calibrate", "--model", model, "--heads", out, "--corpus", str(corpora[1]),
+                 "--target-precision", "0.9", "--max-tokens", "800", "--min-exits", "5"]) == 0
+    assert "thresholds written" in capsys.readouterr().out
+    assert ExitHeads.load(out).thresholds is not None
+    with pytest.raises(SystemExit):
+        main(["tune-exits", "--model", model, "--corpus", str(corpora[0]), "--layers", "2,x", "--out", out])
+    assert main(["tune-exits", "--model", model, "--corpus", str(tmp_path / "none.txt"), "--layers", "2",
+                 "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -64,22 +64,11 @@ def step_costs(llm: LLM, batch: int, context: int = 150) -> dict:
             "kv_fill_vs_layer": round(fill / layer, 3)}
 
 
-@torch.inference_mode()
 def hidden_per_layer(llm: LLM, token_ids: list[int]) -> list[torch.Tensor]:
     """Hidden state of every position after every loaded layer (teacher-forced)."""
-    eng = llm.engine
-    seq = Sequence("lens", "", token_ids, SamplingParams())
-    eng.kv_cache.allocator.ensure_capacity(seq.seq_id, len(token_ids))
-    try:
-        ids, pos, meta, _ = eng.runner.prepare([ScheduledSeq(seq, len(token_ids))])
-        h = eng.model.embed(ids, pos)
-        states = []
-        for i in range(eng.model.loaded_layers):
-            h = eng.model.layer(i, h, pos, eng.kv_cache.layer(i), meta)
-            states.append(h)
-        return states
-    finally:
-        eng.kv_cache.allocator.free_sequence(seq.seq_id)
+    depth = llm.engine.model.loaded_layers
+    states = llm.engine.hidden_states([token_ids], list(range(1, depth + 1)))
+    return [states[layer] for layer in range(1, depth + 1)]
 
 
 def logit_lens(llm: LLM, outputs) -> list[dict]:
@@ -121,6 +110,50 @@ def quality(reference: LLM, outputs, plain_ids) -> dict:
             "plain_greedy_agreement": round(prefix_same / total, 3)}
 
 
+def timed_generate(llm: LLM, prompts, params):
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return outs, time.perf_counter() - start
+
+
+def compare_with_plain(name: str, llm: LLM, plain: LLM, prompts, params, plain_ids, rounds: int) -> dict:
+    """Throughput of `llm` relative to plain decoding (timed alternately), its exits, and the quality of what
+    it generated under the full model."""
+    timed_generate(llm, prompts, params)  # warm-up
+    # alternate with plain decoding in ABBA order, so that drift and run-order effects cancel in the ratio
+    runs, plain_runs = [], []
+    for r in range(rounds):
+        if r % 2:
+            plain_runs.append(timed_generate(plain, prompts, params)[1])
+        outs, elapsed = timed_generate(llm, prompts, params)
+        runs.append(elapsed)
+        if r % 2 == 0:
+            plain_runs.append(timed_generate(plain, prompts, params)[1])
+    # minimum, not median: on a shared VM noise only ever adds time (plain vs plain medians differed by 30%)
+    elapsed, plain_elapsed = min(runs), min(plain_runs)
+    stats = llm.stats()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    hist = {}
+    for o in outs:
+        for layer in o.outputs[0].exit_layers:
+            hist[layer] = hist.get(layer, 0) + 1
+    early = sum(n for layer, n in hist.items() if layer < stats["loaded_layers"]) / tokens
+    policy, depth = llm.engine.exit_policy, stats["loaded_layers"]
+    breaches = sum(1 for o in outs for layer, c in zip(o.outputs[0].exit_layers, o.outputs[0].confidences,
+                                                          strict=True)
+                   if policy is not None and layer == depth and not bool(
+                       policy.passes(depth, torch.tensor(c), torch.tensor(0.0), torch.tensor(c))))
+    row = {"config": name, "tok_s": round(tokens / elapsed, 1), "vs_plain": round(plain_elapsed / elapsed, 2),
+           "early_exit_rate": round(early, 3),
+           "exit_histogram": dict(sorted(hist.items())), "breaches": breaches,
+           **quality(plain, outs, plain_ids)}
+    print(f"{name:<34} {row['tok_s']:>7} tok/s | {row['vs_plain']:.2f}x plain | early {row['early_exit_rate']:.3f} | "
+          f"agree(teacher) {row['teacher_forced_agreement']} | ppl {row['perplexity']} | "
+          f"plain-greedy {row['plain_greedy_agreement']} | {row['exit_histogram']}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -142,13 +175,7 @@ def main() -> None:
               f"(= {c['exit_check_in_layers']} layers) | K/V fill of a skipped layer {c['kv_fill_ms']} ms "
               f"(= {c['kv_fill_vs_layer']:.0%} of a layer)")
 
-    def timed_generate(llm):
-        llm.reset_prefix_cache()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return outs, time.perf_counter() - start
-
-    plain_outs, _ = timed_generate(plain)
+    plain_outs, _ = timed_generate(plain, prompts, params)
     plain_ids = [o.outputs[0].token_ids for o in plain_outs]
     lens = logit_lens(plain, plain_outs)
     print("\nlogit lens (untuned exits), teacher-forced on prompts + plain continuations:")
@@ -166,38 +193,7 @@ def main() -> None:
     rows = []
     for name, config in configs:
         llm = plain if config is None else LLM(args.model, early_exit=config, **common)
-        timed_generate(llm)  # warm-up
-        # alternate with plain decoding in ABBA order, so that drift and run-order effects cancel in the ratio
-        runs, plain_runs = [], []
-        for r in range(args.rounds):
-            if r % 2:
-                plain_runs.append(timed_generate(plain)[1])
-            outs, elapsed = timed_generate(llm)
-            runs.append(elapsed)
-            if r % 2 == 0:
-                plain_runs.append(timed_generate(plain)[1])
-        # minimum, not median: on a shared VM noise only ever adds time (plain vs plain medians differed by 30%)
-        elapsed, plain_elapsed = min(runs), min(plain_runs)
-        stats = llm.stats()
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        hist = {}
-        for o in outs:
-            for layer in o.outputs[0].exit_layers:
-                hist[layer] = hist.get(layer, 0) + 1
-        early = sum(n for layer, n in hist.items() if layer < stats["loaded_layers"]) / tokens
-        policy, depth = llm.engine.exit_policy, stats["loaded_layers"]
-        breaches = sum(1 for o in outs for layer, c in zip(o.outputs[0].exit_layers, o.outputs[0].confidences,
-                                                              strict=True)
-                       if policy is not None and layer == depth and not bool(
-                           policy.passes(depth, torch.tensor(c), torch.tensor(0.0), torch.tensor(c))))
-        row = {"config": name, "tok_s": round(tokens / elapsed, 1), "vs_plain": round(plain_elapsed / elapsed, 2),
-               "early_exit_rate": round(early, 3),
-               "exit_histogram": dict(sorted(hist.items())), "breaches": breaches,
-               **quality(plain, outs, plain_ids)}
-        rows.append(row)
-        print(f"{name:<34} {row['tok_s']:>7} tok/s | early {row['early_exit_rate']:.3f} | "
-              f"agree(teacher) {row['teacher_forced_agreement']} | ppl {row['perplexity']} | "
-              f"plain-greedy {row['plain_greedy_agreement']} | {row['exit_histogram']}", flush=True)
+        rows.append(compare_with_plain(name, llm, plain, prompts, params, plain_ids, args.rounds))
 
     print(f"\n{args.model}, float32, greedy, {args.prompts} gsm8k prompts (chat template), "
           f"{args.max_tokens} new tokens")

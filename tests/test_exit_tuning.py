@@ -85,6 +85,8 @@ def test_hidden_states_of_a_batch_equal_one_window_at_a_time(checkpoints):
         start += len(w)
     with pytest.raises(ValueError, match="1..4"):
         llm.engine.hidden_states(windows, [5])
+    with pytest.raises(ValueError, match="at least one window"):
+        llm.engine.hidden_states([], [2])
     assert llm.engine.kv_cache.allocator.num_free == 64  # every block handed back
 
 

@@ -211,6 +211,8 @@ class LLMEngine:
         windows' tokens in order. One forward for all windows; needs an idle engine and free KV blocks."""
         if self.has_unfinished():
             raise RuntimeError("hidden_states needs an idle engine")
+        if not windows or not all(windows):
+            raise ValueError("hidden_states needs at least one window, and no empty window")
         depth = self.model.loaded_layers
         if not layers or any(not 1 <= layer <= depth for layer in layers):
             raise ValueError(f"layers {sorted(layers)} must lie in 1..{depth} (the loaded layers)")

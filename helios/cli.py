@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seq-len", type=int, default=256)
     tune.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimizer step")
     tune.add_argument("--epochs", type=int, default=1)
-    tune.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: TuneConfig's)")
+    tune.add_argument("--lr", type=float, default=None,
+                      help="Adam learning rate (default 1e-2, warmup then cosine to a tenth)")
     tune.add_argument("--ce-weight", type=float, default=None,
                       help="weight of top-1 cross-entropy next to KL (default 1.0; 0 = KL only)")
     tune.add_argument("--no-train-norm", dest="train_norm", action="store_false", default=None,

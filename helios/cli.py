@@ -155,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--sample-fraction", type=float, default=None,
                       help="share of positions per batch the loss is taken on (default 0.5)")
     tune.add_argument("--seq-len", type=int, default=256)
-    tune.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimizer step")
+    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step (default 512)")
     tune.add_argument("--epochs", type=int, default=1)
     tune.add_argument("--lr", type=float, default=None,
                       help="Adam learning rate (default 1e-2, warmup then cosine to a tenth)")
     tune.add_argument("--ce-weight", type=float, default=None,
-                      help="weight of top-1 cross-entropy next to KL (default 1.0; 0 = KL only)")
+                      help="weight of top-1 cross-entropy next to KL (default 3; 0 = KL only)")
     tune.add_argument("--no-train-norm", dest="train_norm", action="store_false", default=None,
                       help="keep the final norm's weights at every exit (default: learn one per exit)")
     tune.add_argument("--seed", type=int, default=0)

@@ -27,11 +27,11 @@ class TuneConfig:
     max_tokens: int = 200_000  # training tokens per epoch
     eval_tokens: int = 10_000  # held-out tokens (from eval_corpus, else held back from the training files)
     seq_len: int = 256
-    batch_tokens: int = 1024
+    batch_tokens: int = 512  # tokens per Adam step (more, smaller steps beat fewer, larger ones at one budget)
     epochs: int = 1
     lr: float = 1e-2
     warmup_steps: int = 10
-    ce_weight: float = 1.0  # weight of top-1 cross-entropy next to the KL term (0: KL only)
+    ce_weight: float = 3.0  # weight of top-1 cross-entropy next to the KL term (0: KL only)
     # share of each batch's positions the loss is taken on (a fresh random subset per step, shared by all exits):
     # the vocabulary-wide softmax of teacher and students costs more than the frozen forward, and neighbouring
     # positions of a window carry much the same signal

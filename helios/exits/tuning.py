@@ -81,21 +81,21 @@ def teacher_forcing_llm(model, window_tokens: int):
                max_model_len=max_len)
 
 
+def _parameters(heads: ExitHeads) -> list[torch.Tensor]:
+    return [t for a in heads.adapters.values() for t in (a.weight, a.bias, a.norm_weight) if t is not None]
+
+
 def _trainable_heads(model, config: TuneConfig) -> ExitHeads:
     adapters = {}
     for layer in config.layers:
         adapter = ExitAdapter.identity(model.hidden_size)
         if config.train_norm and model.final_norm is not None and model.final_norm.weight is not None:
             adapter.norm_weight = model.final_norm.weight.detach().float().clone()
-        for t in (adapter.weight, adapter.bias, adapter.norm_weight):
-            if t is not None:
-                t.requires_grad_(True)
         adapters[layer] = adapter
-    return ExitHeads(model_fingerprint(model), adapters)
-
-
-def _parameters(heads: ExitHeads) -> list[torch.Tensor]:
-    return [t for a in heads.adapters.values() for t in (a.weight, a.bias, a.norm_weight) if t is not None]
+    heads = ExitHeads(model_fingerprint(model), adapters)
+    for t in _parameters(heads):
+        t.requires_grad_(True)
+    return heads
 
 
 def _split_windows(tokenizer, corpus, eval_corpus, config: TuneConfig):
@@ -188,11 +188,8 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
         after = held_out.score()
     finally:
         m.exit_heads = previous
-    for adapter in heads.adapters.values():
-        for name in ("weight", "bias", "norm_weight"):
-            t = getattr(adapter, name)
-            if t is not None:
-                setattr(adapter, name, t.detach())
+    for t in _parameters(heads):
+        t.requires_grad_(False)
 
     train_tokens = sum(len(w) for w in train)
     heads.info = {
@@ -246,6 +243,6 @@ def _train(engine, heads: ExitHeads, windows: list[list[int]], config: TuneConfi
                 optimizer.step()
                 scheduler.step()
                 bar.update(sum(len(w) for w in group))
-                bar.set_postfix({f"kl@{layer}": f"{history[layer][-1]:.3f}" for layer in config.layers})
+                bar.set_postfix({f"loss@{layer}": f"{history[layer][-1]:.3f}" for layer in config.layers})
     tail = max(1, total_steps // 10)
     return {layer: round(sum(v[-tail:]) / len(v[-tail:]), 4) for layer, v in history.items()}

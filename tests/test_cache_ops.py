@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from helios._ext import load_extension
-from helios.ops.attention import AttentionMetadata, PagedAttentionOps, paged_attention_native, store_kv_native
+from helios.ops.attention import (
+    AttentionMetadata,
+    PagedAttentionOps,
+    dense_attention,
+    paged_attention_native,
+    store_kv_native,
+)
 
 load_extension()
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -54,6 +60,30 @@ def test_paged_attention_matches_reference(case, dtype, window):
     got = PagedAttentionOps(torch.device("cpu"), backend="ext").paged_attention(query, kc, vc, meta, scale, window)
     want = reference(query, kc, vc, meta, scale, window)
     assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context, new, heads, kv_heads, dim", [
+    (37, 37, 9, 3, 64),  # fresh prefill, SmolLM2's GQA layout
+    (33, 33, 10, 10, 17),  # fresh prefill, MHA, odd head_dim
+    (40, 7, 6, 2, 24),  # new tokens after a cached prefix (explicit mask)
+])
+def test_dense_attention_matches_reference(context, new, heads, kv_heads, dim, dtype):
+    g = torch.Generator().manual_seed(context + new)
+    query = torch.randn(new, heads, dim, generator=g).to(dtype)
+    key = torch.randn(context, kv_heads, dim, generator=g).to(dtype)
+    value = torch.randn(context, kv_heads, dim, generator=g).to(dtype)
+    q_pos = torch.arange(context - new, context)
+    mask = None if new == context else torch.arange(context)[None, :] <= q_pos[:, None]
+    got = dense_attention(query, key, value, dim**-0.5, mask)
+    # the paged reference over a cache of one-token blocks holding exactly this context
+    meta = AttentionMetadata(slot_mapping=torch.zeros(new, dtype=torch.int64),
+                             block_tables=torch.arange(context, dtype=torch.int32)[None],
+                             seq_lens=torch.tensor([context], dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, new], dtype=torch.int32))
+    want = reference(query, key[:, None], value[:, None], meta, dim**-0.5, -1)
+    assert got.shape == query.shape and got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 

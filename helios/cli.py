@@ -153,10 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-tokens", type=int, default=200_000, help="training tokens (default 200000)")
     tune.add_argument("--eval-tokens", type=int, default=10_000)
     tune.add_argument("--sample-fraction", type=float, default=None,
-                      help="share of positions per batch the loss is taken on (default 0.5)")
+                      help="share of the training positions kept for the loss, at random (default 0.5)")
     tune.add_argument("--seq-len", type=int, default=256)
-    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step (default 512)")
-    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--batch-tokens", type=int, default=None,
+                      help="sampled positions per optimizer step (default 256)")
+    tune.add_argument("--epochs", type=int, default=1,
+                      help="passes over the sampled positions (the frozen model runs once either way)")
     tune.add_argument("--lr", type=float, default=None,
                       help="Adam learning rate (default 1e-2, warmup then cosine to a tenth)")
     tune.add_argument("--ce-weight", type=float, default=None,

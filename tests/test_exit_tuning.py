@@ -13,7 +13,7 @@ from helios.cli import main
 from helios.exits.calibration import ExitStats, calibrate_exits, choose_thresholds, exit_report
 from helios.exits.corpus import _fair_shares, batches, read_documents, token_windows
 from helios.exits.heads import ExitHeads
-from helios.exits.tuning import tune_exits
+from helios.exits.tuning import sample_states, tune_exits
 from tests.conftest import PROMPTS
 
 WORDS = ("the of and to in is was for on that with as fox time water boils sea shells numbers one two three "
@@ -88,6 +88,43 @@ def test_hidden_states_of_a_batch_equal_one_window_at_a_time(checkpoints):
     with pytest.raises(ValueError, match="at least one window"):
         llm.engine.hidden_states([], [2])
     assert llm.engine.kv_cache.allocator.num_free == 64  # every block handed back
+
+
+def test_sampled_states_are_rows_of_the_full_forward(checkpoints):
+    llm = LLM(checkpoints["qwen2"], kv_cache_blocks=64)
+    tok = llm.get_tokenizer()
+    windows = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    states = llm.engine.hidden_states(windows, [2, 4])
+    full = sample_states(llm.engine, windows, [2], 1.0, torch.Generator().manual_seed(0), "", progress=False)
+    torch.testing.assert_close(full.exits[2], states[2])
+    torch.testing.assert_close(full.final, llm.engine.model.head_input(states[4]))
+    half = sample_states(llm.engine, windows, [2], 0.5, torch.Generator().manual_seed(0), "", progress=False)
+    n = states[2].shape[0]
+    assert len(half) == round(n * 0.5) and half.exits[2].shape == (len(half), states[2].shape[1])
+    # every kept row is the state of one position, and its teacher input is that same position's
+    match = (half.exits[2][:, None, :] - states[2][None, :, :]).abs().amax(-1) < 1e-6
+    assert match.sum(1).eq(1).all()
+    positions = match.float().argmax(1)
+    torch.testing.assert_close(half.final, full.final[positions])
+    assert len(set(positions.tolist())) == len(half)
+
+
+def test_epochs_reuse_one_frozen_forward(peaked_checkpoints, corpora, monkeypatch):
+    from helios.engine.engine import LLMEngine
+
+    calls = []
+    original = LLMEngine.hidden_states
+    monkeypatch.setattr(LLMEngine, "hidden_states", lambda self, w, layers: calls.append(len(w)) or
+                        original(self, w, layers))
+    options = dict(eval_corpus=[corpora[1]], max_tokens=1500, eval_tokens=300, seq_len=64, batch_tokens=128,
+                   progress=False)
+    heads = tune_exits(peaked_checkpoints["llama"], [corpora[0]], [2], epochs=1, **options)
+    one_epoch = len(calls)
+    calls.clear()
+    heads3 = tune_exits(peaked_checkpoints["llama"], [corpora[0]], [2], epochs=3, **options)
+    assert len(calls) == one_epoch and sum(calls) > 0
+    assert heads3.info["training"]["sampled_positions"] == heads.info["training"]["sampled_positions"]
+    assert not torch.equal(heads3.adapters[2].weight, heads.adapters[2].weight)  # more steps, other weights
 
 
 # ---- tuning ----------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Exit tuning: train one affine adapter per exit layer by self-distillation on unlabeled text.
 
-The base model stays frozen. Each batch runs the full model once, keeps the hidden states after every exit
-layer and the final layer's distribution (the teacher), and takes one Adam step for all adapters together.
-Adapters start at identity (= the plain logit lens) and are trained through `DecoderModel.exit_head_input`,
-the same function the runtime applies, so what is trained is what is served.
+The base model stays frozen and runs once over the corpus: each forward keeps, for a random subset of the
+positions, the hidden state after every exit layer and the final layer's head input (the teacher). Training
+then draws Adam batches from all kept positions at random (tokens of one window are near-duplicates as a
+batch; shuffled across the corpus they are not) and takes one step for all adapters together. Adapters start
+at identity (= the plain logit lens) and are trained through `DecoderModel.exit_head_input`, the same function
+the runtime applies, so what is trained is what is served.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from helios.exits.corpus import batches, token_windows
 from helios.exits.distill import distill, teacher_targets
 from helios.exits.heads import ExitAdapter, ExitHeads, model_fingerprint
 
+FORWARD_TOKENS = 2048  # tokens per frozen forward: large enough for efficient GEMMs, one group of KV blocks
+SCORE_ROWS = 2048  # held-out positions scored at a time
+
 
 @dataclass
 class TuneConfig:
@@ -27,14 +32,14 @@ class TuneConfig:
     max_tokens: int = 200_000  # training tokens per epoch
     eval_tokens: int = 10_000  # held-out tokens (from eval_corpus, else held back from the training files)
     seq_len: int = 256
-    batch_tokens: int = 512  # tokens per Adam step (more, smaller steps beat fewer, larger ones at one budget)
-    epochs: int = 1
+    batch_tokens: int = 256  # sampled positions per Adam step (more, smaller steps beat fewer, larger ones)
+    epochs: int = 1  # passes over the sampled positions (the frozen forward runs once, whatever the count)
     lr: float = 1e-2
     warmup_steps: int = 10
     ce_weight: float = 3.0  # weight of top-1 cross-entropy next to the KL term (0: KL only)
-    # share of each batch's positions the loss is taken on (a fresh random subset per step, shared by all exits):
-    # the vocabulary-wide softmax of teacher and students costs more than the frozen forward, and neighbouring
-    # positions of a window carry much the same signal
+    # share of the training positions kept for the loss (random, shared by all exits): the vocabulary-wide
+    # softmax of teacher and students costs more per position than the frozen forward, and neighbouring
+    # positions of a window carry much the same signal. Kept states take (exits + 1) * d * 4 bytes a position.
     sample_fraction: float = 0.5
     train_norm: bool = True  # also learn an exit-specific norm weight (starts as the final norm's)
     seed: int = 0
@@ -116,40 +121,58 @@ def _split_windows(tokenizer, corpus, eval_corpus, config: TuneConfig):
     return train, held
 
 
-class HeldOut:
-    """Held-out hidden states computed once, scored before and after training."""
+@dataclass
+class SampledStates:
+    """What the frozen model gives training for a set of positions: each exit's hidden state and the final
+    layer's head input (the teacher's). Computed once; rows are positions."""
 
-    def __init__(self, engine, windows: list[list[int]], layers: list[int], batch_tokens: int):
-        final = engine.model.total_layers
-        self.model = engine.model
-        self.layers = layers
-        self.batches = []
-        for group in batches(windows, batch_tokens):
-            states = engine.hidden_states(group, layers + [final])
-            x_final = self.model.head_input(states[final])
-            self.batches.append(({layer: states[layer] for layer in layers}, x_final))
-        self.tokens = sum(len(w) for w in windows)
+    exits: dict[int, torch.Tensor]  # exit layer -> [n, d]
+    final: torch.Tensor  # [n, d]
 
-    @torch.no_grad()
-    def score(self) -> dict[int, dict[str, float]]:
-        """Per exit: top-1 agreement with the final layer and mean KL(final ‖ exit) in nats."""
-        head = self.model.lm_head.float()
-        agree = dict.fromkeys(self.layers, 0)
-        kl = dict.fromkeys(self.layers, 0.0)
-        for states, x_final in self.batches:
-            teacher = teacher_targets(x_final, head)
-            for layer in self.layers:
-                r = distill(self.model.exit_head_input(states[layer], layer), head, teacher, want_grad=False)
-                agree[layer] += r.agree
-                kl[layer] += r.kl
-        return {layer: {"agreement": round(agree[layer] / self.tokens, 4), "kl": round(kl[layer] / self.tokens, 4)}
-                for layer in self.layers}
+    def __len__(self) -> int:
+        return self.final.shape[0]
 
 
 def _sample_rows(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
     if fraction >= 1:
         return torch.arange(n)
     return torch.randperm(n, generator=generator)[: max(1, round(n * fraction))].sort().values
+
+
+def sample_states(engine, windows: list[list[int]], layers: list[int], fraction: float, generator: torch.Generator,
+                  desc: str, progress: bool) -> SampledStates:
+    """Runs the frozen model over `windows` and keeps a random `fraction` of the positions."""
+    m = engine.model
+    final = m.total_layers
+    kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    finals = []
+    with tqdm(total=sum(len(w) for w in windows), unit="tok", desc=desc, disable=not progress) as bar:
+        for group in batches(windows, FORWARD_TOKENS):
+            states = engine.hidden_states(group, layers + [final])
+            rows = _sample_rows(states[final].shape[0], fraction, generator).to(states[final].device)
+            # indexing copies out of the inference-mode hidden states into tensors autograd may use
+            finals.append(m.head_input(states[final][rows]))
+            for layer in layers:
+                kept[layer].append(states[layer][rows])
+            bar.update(sum(len(w) for w in group))
+    return SampledStates({layer: torch.cat(v) for layer, v in kept.items()}, torch.cat(finals))
+
+
+@torch.no_grad()
+def score(model, held: SampledStates) -> dict[int, dict[str, float]]:
+    """Per exit: top-1 agreement with the final layer and mean KL(final ‖ exit) in nats."""
+    head = model.lm_head.float()
+    agree = dict.fromkeys(held.exits, 0)
+    kl = dict.fromkeys(held.exits, 0.0)
+    for start in range(0, len(held), SCORE_ROWS):
+        rows = slice(start, start + SCORE_ROWS)
+        teacher = teacher_targets(held.final[rows], head)
+        for layer, states in held.exits.items():
+            r = distill(model.exit_head_input(states[rows], layer), head, teacher, want_grad=False)
+            agree[layer] += r.agree
+            kl[layer] += r.kl
+    n = len(held)
+    return {layer: {"agreement": round(agree[layer] / n, 4), "kl": round(kl[layer] / n, 4)} for layer in held.exits}
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -167,7 +190,7 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
     returns them as ExitHeads (also saved to `out` when given). options: the fields of TuneConfig."""
     config = TuneConfig(layers=list(layers), **options)
     started = time.perf_counter()
-    llm = teacher_forcing_llm(model, max(config.batch_tokens, config.seq_len))
+    llm = teacher_forcing_llm(model, max(FORWARD_TOKENS, config.seq_len))
     engine, m = llm.engine, llm.engine.model
     if m.loaded_layers != m.total_layers:
         raise ValueError(f"exit tuning needs the whole model (the final layer is the teacher): {m.loaded_layers} "
@@ -179,13 +202,16 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
     if not held:
         raise ValueError("no held-out text: pass eval_corpus or more training text")
 
+    generator = torch.Generator().manual_seed(config.seed)
+    held_states = sample_states(engine, held, config.layers, 1.0, generator, "held-out states", progress)
+    train_states = sample_states(engine, train, config.layers, config.sample_fraction, generator,
+                                 "hidden states", progress)
     heads = _trainable_heads(m, config)
     previous, m.exit_heads = m.exit_heads, heads
     try:
-        held_out = HeldOut(engine, held, config.layers, config.batch_tokens)
-        before = held_out.score()
-        losses = _train(engine, heads, train, config, progress)
-        after = held_out.score()
+        before = score(m, held_states)
+        losses = _train(m, heads, train_states, config, generator, progress)
+        after = score(m, held_states)
     finally:
         m.exit_heads = previous
     for t in _parameters(heads):
@@ -196,10 +222,11 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
         "training": {"corpus": [str(p) for p in corpus], "tokens": train_tokens, "epochs": config.epochs,
                      "seq_len": config.seq_len, "batch_tokens": config.batch_tokens, "lr": config.lr,
                      "ce_weight": config.ce_weight, "sample_fraction": config.sample_fraction,
+                     "sampled_positions": len(train_states),
                      "train_norm": config.train_norm, "seed": config.seed,
                      "final_loss": {str(k): v for k, v in losses.items()},
                      "seconds": round(time.perf_counter() - started, 1)},
-        "held_out": {"corpus": [str(p) for p in (eval_corpus or corpus)], "tokens": held_out.tokens,
+        "held_out": {"corpus": [str(p) for p in (eval_corpus or corpus)], "tokens": len(held_states),
                      "separate_files": bool(eval_corpus),
                      "per_exit": {str(layer): {"agreement_before": before[layer]["agreement"],
                                                "agreement_after": after[layer]["agreement"],
@@ -211,38 +238,33 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
     return heads
 
 
-def _train(engine, heads: ExitHeads, windows: list[list[int]], config: TuneConfig,
+def _train(model, heads: ExitHeads, states: SampledStates, config: TuneConfig, generator: torch.Generator,
            progress: bool) -> dict[int, float]:
-    """Adam over all adapters; returns each exit's mean training loss over the last tenth of the steps."""
-    m = engine.model
-    final = m.total_layers
-    head = m.lm_head.float()
-    params = _parameters(heads)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    groups = list(batches(windows, config.batch_tokens))
-    total_steps = len(groups) * config.epochs
+    """Adam over all adapters on batches drawn at random from all sampled positions; returns each exit's mean
+    training loss over the last tenth of the steps."""
+    head = model.lm_head.float()
+    optimizer = torch.optim.Adam(_parameters(heads), lr=config.lr)
+    n = len(states)
+    steps_per_epoch = -(-n // config.batch_tokens)
+    total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, total_steps, min(config.warmup_steps, max(1, total_steps // 5))))
     history: dict[int, list[float]] = {layer: [] for layer in config.layers}
-    generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=sum(len(w) for w in windows) * config.epochs, unit="tok", desc="tuning exits",
-               disable=not progress)
-    with bar:
+    with tqdm(total=n * config.epochs, unit="tok", desc="tuning exits", disable=not progress) as bar:
         for _ in range(config.epochs):
-            for group in groups:
-                states = engine.hidden_states(group, config.layers + [final])
-                rows = _sample_rows(states[final].shape[0], config.sample_fraction, generator)
-                teacher = teacher_targets(m.head_input(states[final][rows]), head)
+            order = torch.randperm(n, generator=generator).to(states.final.device)
+            for start in range(0, n, config.batch_tokens):
+                rows = order[start:start + config.batch_tokens]
+                teacher = teacher_targets(states.final[rows], head)
                 optimizer.zero_grad(set_to_none=True)
                 for layer in config.layers:
-                    # indexing copies out of the inference-mode hidden states into tensors autograd may save
-                    x = m.exit_head_input(states[layer][rows], layer)
+                    x = model.exit_head_input(states.exits[layer][rows], layer)
                     result = distill(x.detach(), head, teacher, config.ce_weight)
                     x.backward(result.grad)
                     history[layer].append((result.kl + config.ce_weight * result.ce) / len(rows))
                 optimizer.step()
                 scheduler.step()
-                bar.update(sum(len(w) for w in group))
+                bar.update(len(rows))
                 bar.set_postfix({f"loss@{layer}": f"{history[layer][-1]:.3f}" for layer in config.layers})
     tail = max(1, total_steps // 10)
     return {layer: round(sum(v[-tail:]) / len(v[-tail:]), 4) for layer, v in history.items()}

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-tokens", type=int, default=200_000, help="training tokens (default 200000)")
     tune.add_argument("--eval-tokens", type=int, default=10_000)
     tune.add_argument("--sample-fraction", type=float, default=None,
-                      help="share of the training positions kept for the loss, at random (default 0.5)")
+                      help="share of the training positions kept for the loss, at random (default 0.7)")
     tune.add_argument("--seq-len", type=int, default=256)
     tune.add_argument("--batch-tokens", type=int, default=None,
                       help="sampled positions per optimizer step (default 256)")

@@ -40,7 +40,7 @@ class TuneConfig:
     # share of the training positions kept for the loss (random, shared by all exits): the vocabulary-wide
     # softmax of teacher and students costs more per position than the frozen forward, and neighbouring
     # positions of a window carry much the same signal. Kept states take (exits + 1) * d * 4 bytes a position.
-    sample_fraction: float = 0.5
+    sample_fraction: float = 0.7
     train_norm: bool = True  # also learn an exit-specific norm weight (starts as the final norm's)
     seed: int = 0
 

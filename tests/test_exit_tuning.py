@@ -248,3 +248,14 @@ def test_cli_tunes_and_calibrates(peaked_checkpoints, corpora, tmp_path, capsys)
     assert main(["tune-exits", "--model", model, "--corpus", str(tmp_path / "none.txt"), "--layers", "2",
                  "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tuning_an_llm_with_a_small_kv_cache_uses_smaller_forwards(peaked_checkpoints, corpora):
+    options = dict(eval_corpus=[corpora[1]], max_tokens=800, eval_tokens=200, seq_len=64, progress=False)
+    small = LLM(peaked_checkpoints["llama"], dtype="float32", kv_cache_blocks=12, block_size=16)  # 96 tokens
+    heads = tune_exits(small, [corpora[0]], [2], **options)
+    assert heads.info["training"]["tokens"] > 600
+    assert small.engine.kv_cache.allocator.num_free == 12  # every block handed back
+    tiny = LLM(peaked_checkpoints["llama"], dtype="float32", kv_cache_blocks=6, block_size=16)
+    with pytest.raises(ValueError, match="kv_cache_blocks"):
+        tune_exits(tiny, [corpora[0]], [2], **options)

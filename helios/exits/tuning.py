@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from helios.exits.corpus import batches, token_windows
+from helios.exits.corpus import MIN_WINDOW, batches, token_windows
 from helios.exits.distill import distill, teacher_targets
 from helios.exits.heads import ExitAdapter, ExitHeads, model_fingerprint
 
@@ -139,15 +139,28 @@ def _sample_rows(n: int, fraction: float, generator: torch.Generator) -> torch.T
     return torch.randperm(n, generator=generator)[: max(1, round(n * fraction))].sort().values
 
 
+def forward_tokens(engine, seq_len: int) -> int:
+    """Tokens per frozen forward: FORWARD_TOKENS, or less when the engine's free KV blocks hold less (an LLM the
+    caller passed in). A window of n tokens takes at most n/block_size + 1 blocks, and a group of T tokens holds
+    at most T/MIN_WINDOW windows."""
+    cache = engine.kv_cache
+    fits = int(cache.allocator.num_free / (1 / cache.block_size + 1 / MIN_WINDOW))
+    if fits < seq_len:
+        raise ValueError(f"the LLM's KV cache has room for {fits} tokens of windows, less than seq_len={seq_len}: "
+                         "give it more kv_cache_blocks or pass the model by name or path")
+    return min(FORWARD_TOKENS, fits)
+
+
 def sample_states(engine, windows: list[list[int]], layers: list[int], fraction: float, generator: torch.Generator,
                   desc: str, progress: bool) -> SampledStates:
     """Runs the frozen model over `windows` and keeps a random `fraction` of the positions."""
     m = engine.model
+    group_tokens = forward_tokens(engine, max(len(w) for w in windows))
     final = m.total_layers
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     finals = []
     with tqdm(total=sum(len(w) for w in windows), unit="tok", desc=desc, disable=not progress) as bar:
-        for group in batches(windows, FORWARD_TOKENS):
+        for group in batches(windows, group_tokens):
             states = engine.hidden_states(group, layers + [final])
             rows = _sample_rows(states[final].shape[0], fraction, generator).to(states[final].device)
             # indexing copies out of the inference-mode hidden states into tensors autograd may use

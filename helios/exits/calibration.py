@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from helios.exits.config import CONFIDENCE_MEASURES
-from helios.exits.corpus import batches, token_windows
+from helios.exits.corpus import token_windows
 from helios.exits.heads import ExitHeads
-from helios.exits.tuning import teacher_forcing_llm
+from helios.exits.tuning import forward_groups, teacher_forcing_llm
 
 
 @dataclass
@@ -60,7 +60,7 @@ def collect_exit_stats(engine, windows: list[list[int]], layers: list[int], conf
     agree: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     bar = tqdm(total=sum(len(w) for w in windows), unit="tok", desc="scoring exits", disable=not progress)
     with bar:
-        for group in batches(windows, batch_tokens):
+        for group in forward_groups(engine, windows, batch_tokens):
             states = engine.hidden_states(group, sorted(set(layers)) + [final])
             final_tokens = model.exit_head(states[final])[0]
             for layer in layers:

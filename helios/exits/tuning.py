@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +81,27 @@ def teacher_forcing_llm(model, window_tokens: int):
     config = resolve_model(model).config
     max_len = min(window_tokens, getattr(config, "max_position_embeddings", None) or window_tokens)
     block_size = 16
-    # windows are >= MIN_WINDOW = 16 tokens, so partly filled blocks at most double the count
-    blocks = 2 * -(-window_tokens // block_size) + 1
+    blocks = math.ceil(window_tokens * _blocks_per_token(block_size)) + 1
     return LLM(model, dtype="float32", enable_prefix_caching=False, block_size=block_size, kv_cache_blocks=blocks,
                max_model_len=max_len)
+
+
+def _blocks_per_token(block_size: int) -> float:
+    """KV blocks a group of windows may need per token: a window of n tokens takes at most n/block_size + 1
+    blocks, and windows are at least MIN_WINDOW tokens long."""
+    return 1 / block_size + 1 / MIN_WINDOW
+
+
+def forward_groups(engine, windows: list[list[int]], max_tokens: int) -> Iterator[list[list[int]]]:
+    """Groups of windows for one teacher-forced forward each: up to max_tokens tokens, fewer when the engine's
+    free KV blocks hold less (an LLM the caller passed in)."""
+    cache = engine.kv_cache
+    fits = int(cache.allocator.num_free / _blocks_per_token(cache.block_size))
+    longest = max(len(w) for w in windows)
+    if fits < longest:
+        raise ValueError(f"the LLM's KV cache has room for {fits} tokens of windows, less than one window of "
+                         f"{longest}: give it more kv_cache_blocks or pass the model by name or path")
+    return batches(windows, min(max_tokens, fits))
 
 
 def _parameters(heads: ExitHeads) -> list[torch.Tensor]:
@@ -139,28 +157,15 @@ def _sample_rows(n: int, fraction: float, generator: torch.Generator) -> torch.T
     return torch.randperm(n, generator=generator)[: max(1, round(n * fraction))].sort().values
 
 
-def forward_tokens(engine, seq_len: int) -> int:
-    """Tokens per frozen forward: FORWARD_TOKENS, or less when the engine's free KV blocks hold less (an LLM the
-    caller passed in). A window of n tokens takes at most n/block_size + 1 blocks, and a group of T tokens holds
-    at most T/MIN_WINDOW windows."""
-    cache = engine.kv_cache
-    fits = int(cache.allocator.num_free / (1 / cache.block_size + 1 / MIN_WINDOW))
-    if fits < seq_len:
-        raise ValueError(f"the LLM's KV cache has room for {fits} tokens of windows, less than seq_len={seq_len}: "
-                         "give it more kv_cache_blocks or pass the model by name or path")
-    return min(FORWARD_TOKENS, fits)
-
-
 def sample_states(engine, windows: list[list[int]], layers: list[int], fraction: float, generator: torch.Generator,
                   desc: str, progress: bool) -> SampledStates:
     """Runs the frozen model over `windows` and keeps a random `fraction` of the positions."""
     m = engine.model
-    group_tokens = forward_tokens(engine, max(len(w) for w in windows))
     final = m.total_layers
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     finals = []
     with tqdm(total=sum(len(w) for w in windows), unit="tok", desc=desc, disable=not progress) as bar:
-        for group in batches(windows, group_tokens):
+        for group in forward_groups(engine, windows, FORWARD_TOKENS):
             states = engine.hidden_states(group, layers + [final])
             rows = _sample_rows(states[final].shape[0], fraction, generator).to(states[final].device)
             # indexing copies out of the inference-mode hidden states into tensors autograd may use

@@ -5,7 +5,12 @@ LayerNorm statistics in a prologue over d), walks its vocabulary range in BLOCK_
 logits with tl.dot over BLOCK_K slices of d, and keeps per row the running max m, d = Σe^(z−m),
 s = Σz·e^(z−m) and the top-2 logits (with the argmax index). It writes those six numbers per
 (row, split); a tiny torch merge over the splits gives token, p1, p2 and entropy.
-On CPU tensors this runs under the Triton interpreter (TRITON_INTERPRET=1, fp32), which is how CI tests it.
+Logits: with 16-bit weights the normalized rows are cast to the weight dtype and tl.dot runs on the tensor
+cores with float32 accumulation (what norm → bf16 linear does in the model); with float32 weights the dot is
+IEEE float32 (not TF32), so the exit head agrees with the float32 model's own logits.
+On CPU tensors this runs under the Triton interpreter (TRITON_INTERPRET=1; float32 and float16, no bfloat16),
+which is how CI tests it.
+A process decides once, when this module is imported, whether the kernel is compiled or interpreted.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ if triton is not None:
         m_out, d_out, s_out, t1_out, i1_out, t2_out,
         B, D, V, eps, tiles_per_split,
         stride_h, stride_w,
-        NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+        NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
@@ -88,8 +93,11 @@ if triton is not None:
                     if HAS_BIAS:
                         h += tl.load(nb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
                 w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
-                            mask=col_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
-                acc += tl.dot(h, w)
+                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_V]
+                if HALF_DOT:
+                    acc += tl.dot(h.to(w.dtype), w)
+                else:
+                    acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
             z = tl.where(col_ok[None, :], acc, float("-inf"))
             # online softmax statistics
             tile_max = tl.max(z, axis=1)
@@ -136,31 +144,49 @@ def _merge(m, d, s, t1, i1, t2):
     return token, p1, p2, entropy
 
 
+def kernel_mode() -> str:
+    """'compiled' (GPU) or 'interpreted' (TRITON_INTERPRET=1 when this module was imported); fixed per process."""
+    if triton is None:
+        return "unavailable"
+    return "compiled" if isinstance(_exit_head_partials, triton.runtime.JITFunction) else "interpreted"
+
+
+def launch_config(rows: int, vocab: int, block_v: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_B, tiles per split). Row blocks grow with the batch (tensor-core tiles); on a GPU the vocabulary
+    is split so that about four programs per multiprocessor stream the LM head at once."""
+    block_b = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    tiles = triton.cdiv(vocab, block_v)
+    if device.type != "cuda":
+        return block_b, max(1, tiles // 2)  # interpreter: two splits still exercise the merge
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(tiles, triton.cdiv(programs, triton.cdiv(rows, block_b))))
+    return block_b, triton.cdiv(tiles, splits)
+
+
 def exit_head_triton(hidden: torch.Tensor, lm_head: torch.Tensor, norm_weight, norm_bias=None, *,
                      norm: str = "rms", eps: float = 1e-6, block_v: int = 128, block_k: int = 64,
                      tiles_per_split: int | None = None):
     if triton is None:
         raise ImportError("backend='triton' needs the triton package: `pip install triton`")
-    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton runs CPU tensors only in interpreter mode: set TRITON_INTERPRET=1 before "
-                           "importing triton")
-    if hidden.device.type == "cpu" and (hidden.dtype != torch.float32 or lm_head.dtype != torch.float32):
-        raise TypeError("the Triton interpreter supports float32 only: cast CPU inputs to float32")
+    mode = kernel_mode()
+    if hidden.device.type == "cpu" and mode != "interpreted":
+        raise RuntimeError("Triton runs CPU tensors only in interpreter mode, and this process compiled the kernel "
+                           "for the GPU: set TRITON_INTERPRET=1 before importing helios to use it on CPU")
+    if hidden.device.type == "cpu" and torch.bfloat16 in (hidden.dtype, lm_head.dtype):
+        raise TypeError("the Triton interpreter has no bfloat16 (numpy lacks it): use float32 or float16 on CPU")
+    if lm_head.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"exit_head (triton): lm_head must be float32, bfloat16 or float16, got {lm_head.dtype}")
     hidden = hidden.contiguous()
     lm_head = lm_head.contiguous()
     rows, dim = hidden.shape
     vocab = lm_head.shape[0]
     kind = {"none": NORM_NONE, "rms": NORM_RMS, "layer": NORM_LAYER}[norm]
-    block_b = 16
-    tiles = triton.cdiv(vocab, block_v)
-    if tiles_per_split is None:
-        tiles_per_split = 4 if hidden.is_cuda else max(1, tiles // 2)
-    splits = triton.cdiv(tiles, tiles_per_split)
+    block_b, default_tiles = launch_config(rows, vocab, block_v, hidden.device)
+    tiles_per_split = tiles_per_split or default_tiles
+    splits = triton.cdiv(triton.cdiv(vocab, block_v), tiles_per_split)
     shape = (rows, splits)
-    outs = [torch.empty(shape, device=hidden.device, dtype=torch.float32) for _ in range(4)]
+    m, d, s, t1, t2 = (torch.empty(shape, device=hidden.device, dtype=torch.float32) for _ in range(5))
     idx = torch.empty(shape, device=hidden.device, dtype=torch.int32)
-    m, d, s, t1 = outs
-    t2 = torch.empty(shape, device=hidden.device, dtype=torch.float32)
     dummy = hidden.new_zeros(1)
     grid = (triton.cdiv(rows, block_b), splits)
     _exit_head_partials[grid](
@@ -169,7 +195,7 @@ def exit_head_triton(hidden: torch.Tensor, lm_head: torch.Tensor, norm_weight, n
         m, d, s, t1, idx, t2,
         rows, dim, vocab, eps, tiles_per_split,
         hidden.stride(0), lm_head.stride(0),
-        NORM=kind, HAS_BIAS=norm_bias is not None and kind == NORM_LAYER,
+        NORM=kind, HAS_BIAS=norm_bias is not None and kind == NORM_LAYER, HALF_DOT=lm_head.dtype != torch.float32,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,
     )
     return _merge(m, d, s, t1, idx, t2)

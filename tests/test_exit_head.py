@@ -1,6 +1,9 @@
-"""helios.ops.exit_head (native and Triton under the interpreter) vs a float64 reference on odd shapes."""
+"""helios.ops.exit_head (native; Triton compiled on CUDA, interpreted on CPU) vs a float64 reference on odd shapes,
+and an ahead-of-time compile of the Triton kernel for Hopper (sm_90a), which needs no GPU."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -8,14 +11,18 @@ import torch
 from helios.ops.exit_head import exit_head
 
 
-def reference(hidden, lm_head, weight, bias, norm, eps):
-    h = hidden.double()
+def reference(hidden, lm_head, weight, bias, norm, eps, round_to=None):
+    """float64 on the CPU. round_to: the dtype the normalized rows are rounded to before the LM head (the Triton
+    kernel feeds 16-bit weights' tensor cores with rows in the weights' dtype, as the model's own head does)."""
+    h = hidden.cpu().double()
     if norm == "rms":
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.cpu().double()
     elif norm == "layer":
-        h = torch.nn.functional.layer_norm(h, (h.shape[1],), weight.double(),
-                                           None if bias is None else bias.double(), eps)
-    logits = h @ lm_head.double().t()
+        h = torch.nn.functional.layer_norm(h, (h.shape[1],), weight.cpu().double(),
+                                           None if bias is None else bias.cpu().double(), eps)
+    if round_to is not None:
+        h = h.to(round_to).double()
+    logits = h @ lm_head.cpu().double().t()
     probs = logits.softmax(-1)
     top = probs.topk(2, dim=-1)
     entropy = -(probs * logits.log_softmax(-1)).sum(-1)
@@ -31,32 +38,98 @@ def inputs(rows, dim, vocab, norm, seed=0):
     return hidden, lm_head, weight, bias
 
 
-def check(got, want):
-    token, p1, p2, entropy = got
+TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-3, 2e-3), torch.float16: (2e-3, 2e-3)}  # atol, rtol
+
+
+def check(got, want, dtype=torch.float32):
+    token, p1, p2, entropy = (t.cpu() for t in got)
     assert token.dtype == torch.int64 and p1.dtype == p2.dtype == entropy.dtype == torch.float32
     assert torch.equal(token, want[0])
-    for name, a, b in zip(("p1", "p2", "entropy"), got[1:], want[1:], strict=True):
-        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    atol, rtol = TOLERANCE[dtype]
+    for name, a, b in zip(("p1", "p2", "entropy"), (p1, p2, entropy), want[1:], strict=True):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 SHAPES = [(1, 40, 300), (5, 72, 1000), (17, 96, 777), (33, 40, 513)]
 
 
+def on(device, *tensors, dtype=torch.float32):
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
+
+
 @pytest.mark.parametrize("norm", ["rms", "layer", "none"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_native_matches_float64_reference(shape, norm):
-    hidden, lm_head, weight, bias = inputs(*shape, norm)
+def test_native_matches_float64_reference(device, shape, norm):
+    hidden, lm_head, weight, bias = on(device, *inputs(*shape, norm))
     got = exit_head(hidden, lm_head, weight, bias, norm=norm, eps=1e-5, backend="native")
     check(got, reference(hidden, lm_head, weight, bias, norm, 1e-5))
 
 
+# B = 1/5/33/128 (one, two and three row-block sizes); no vocabulary size is a multiple of the 128-wide tile
+TRITON_SHAPES = [(1, 40, 300), (5, 72, 1000), (33, 96, 777), (128, 64, 1111)]
+
+
 @pytest.mark.parametrize("norm", ["rms", "layer"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_triton_interpreter_matches_float64_reference(shape, norm):
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: f"B{s[0]}-d{s[1]}-V{s[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_matches_float64_reference(device, dtype, shape, norm):
     pytest.importorskip("triton")
-    hidden, lm_head, weight, bias = inputs(*shape, norm)
+    from helios.kernels.exit_head import kernel_mode
+
+    if device.type == "cpu":
+        if kernel_mode() != "interpreted":
+            pytest.skip("this process compiled the Triton kernel for the GPU; CPU-only machines (CI) interpret it")
+        if dtype == torch.bfloat16:
+            pytest.skip("the Triton interpreter has no bfloat16 (float16 covers the 16-bit path on CPU)")
+    else:
+        assert kernel_mode() == "compiled", "TRITON_INTERPRET=1 is set: the compiled kernel would not be tested"
+    hidden, lm_head, weight, bias = on(device, *inputs(*shape, norm), dtype=dtype)
     got = exit_head(hidden, lm_head, weight, bias, norm=norm, eps=1e-5, backend="triton")
-    check(got, reference(hidden, lm_head, weight, bias, norm, 1e-5))
+    assert all(t.device.type == device.type for t in got)
+    round_to = None if dtype == torch.float32 else dtype
+    check(got, reference(hidden, lm_head, weight, bias, norm, 1e-5, round_to), dtype)
+
+
+HOPPER_COMPILE = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"  # compile, even without a GPU
+import triton
+from triton.backends.compiler import GPUTarget
+from helios.kernels.exit_head import _exit_head_partials
+
+pointers = ["h_ptr", "w_ptr", "nw_ptr", "nb_ptr"]
+outputs = ["m_out", "d_out", "s_out", "t1_out", "t2_out"]
+ints = ["B", "D", "V", "tiles_per_split", "stride_h", "stride_w"]
+for dtype, block_b in [("fp32", 16), ("bf16", 16), ("bf16", 64), ("fp16", 64)]:
+    signature = {**{p: "*" + dtype for p in pointers}, **{o: "*fp32" for o in outputs}, "i1_out": "*i32",
+                 **{i: "i32" for i in ints}, "eps": "fp32"}
+    consts = dict(NORM=2, HAS_BIAS=True, HALF_DOT=dtype != "fp32", BLOCK_B=block_b, BLOCK_V=128, BLOCK_K=64)
+    signature.update({c: "constexpr" for c in consts})
+    source = triton.compiler.ASTSource(fn=_exit_head_partials, signature=signature, constexprs=consts)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    ptx = kernel.asm["ptx"]
+    print(dtype, block_b, kernel.metadata.shared, "wgmma" in ptx, "mma.sync" in ptx)
+"""
+
+
+def test_triton_kernel_compiles_for_hopper():
+    """Every dtype path of the kernel compiles to sm_90a machine code; 16-bit weights use the tensor cores."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], capture_output=True, text=True, env=env,
+                            timeout=300)
+    if result.returncode != 0 and "No module named 'triton.backends.nvidia'" in result.stderr:
+        pytest.skip("this triton build has no NVIDIA backend")
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = {(d, int(b)): (int(shared), wgmma == "True", mma == "True")
+                for d, b, shared, wgmma, mma in (line.split() for line in result.stdout.strip().splitlines())}
+    assert len(compiled) == 4
+    assert all(shared <= 227 * 1024 for shared, _, _ in compiled.values())  # Hopper's shared memory per block
+    assert compiled[("bf16", 64)][1] and compiled[("fp16", 64)][1]  # warpgroup MMA at 64-row blocks
+    assert compiled[("bf16", 16)][2]  # mma.sync below 64 rows
 
 
 def test_native_chunks_smaller_than_vocab_keep_lowest_index_on_ties():

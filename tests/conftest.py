@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-# Before anything imports triton (torch may probe it): without a GPU, Triton kernels run in the interpreter.
-if os.environ.get("HELIOS_TEST_DEVICE", "cpu") == "cpu":
+import pytest
+import torch
+
+# Before anything imports triton: without a GPU, Triton kernels run in the interpreter (importing torch does not
+# import triton). With a GPU the kernels are compiled and the interpreter-only tests skip themselves.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                             reason="no CUDA device: bench/device_check.py runs the cuda cases on a GPU machine")
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[NO_CUDA, pytest.mark.gpu])]
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> torch.device:
+    """Every device present: cpu always, cuda when torch sees one (skipped with a reason otherwise)."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _auto_device_is_cpu():
+    """device="auto" means the CPU in tests, on every machine: a test that does not take the `device` fixture
+    means the same on a GPU machine as in CI, and one that does passes its device explicitly."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("helios.utils.device.auto_device", lambda: torch.device("cpu"))
+        yield
+
+
+def stories260k_path() -> Path | None:
+    """The stories260k checkpoint (a tiny real Llama): HELIOS_STORIES260K, else ../shared/models beside the repo."""
+    root = Path(__file__).resolve().parent.parent
+    for candidate in (os.environ.get("HELIOS_STORIES260K"), root.parent / "shared" / "models" / "stories260k"):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate)
+    return None
+
 
 PROMPTS = [
     "The quick brown fox", "Once upon a time there was", "def add(a, b):", "Water boils at",
@@ -116,6 +145,14 @@ def hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, min_new_tokens=max_new_tokens)
     return out[0, len(token_ids):].tolist()
+
+
+def greedy_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Fraction of generated tokens equal to the reference's up to each sequence's first divergence."""
+    same = 0
+    for a, b in zip(got, want, strict=True):
+        same += next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return same / sum(len(b) for b in want)
 
 
 def hf_logits(model, token_ids: list[int]) -> torch.Tensor:

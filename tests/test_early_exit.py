@@ -12,8 +12,8 @@ from tests.conftest import PROMPTS, hf_model
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
-def run(path, **kwargs):
-    llm = LLM(path, dtype="float32", kv_cache_blocks=256, **kwargs)
+def run(path, device="cpu", **kwargs):
+    llm = LLM(path, device=device, dtype="float32", kv_cache_blocks=256, **kwargs)
     return llm, [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
@@ -29,9 +29,9 @@ def test_never_confident_equals_plain_decoding(kind, checkpoints):
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_threshold_zero_at_one_exit_equals_truncated_model(kind, k, checkpoints):
-    _, truncated = run(checkpoints[kind], num_layers=k)
-    llm, exits = run(checkpoints[kind], early_exit=ExitConfig(layers=[k], threshold=0.0))
+def test_threshold_zero_at_one_exit_equals_truncated_model(kind, k, checkpoints, device):
+    _, truncated = run(checkpoints[kind], device, num_layers=k)
+    llm, exits = run(checkpoints[kind], device, early_exit=ExitConfig(layers=[k], threshold=0.0))
     assert [o.token_ids for o in exits] == [o.token_ids for o in truncated]  # propagated K/V never leak in
     assert all(layer == k for o in exits for layer in o.exit_layers)
     assert llm.stats()["num_breaches"] == 0
@@ -64,8 +64,8 @@ def test_sampling_with_exits_is_seeded_and_complete(peaked_checkpoints):
     assert any(layer < 4 for o in runs[0] for layer in o.outputs[0].exit_layers)
 
 
-def test_exits_survive_preemption_without_losing_requests(peaked_checkpoints):
-    llm = LLM(peaked_checkpoints["llama"], kv_cache_blocks=24, block_size=4, max_model_len=64,
+def test_exits_survive_preemption_without_losing_requests(peaked_checkpoints, device):
+    llm = LLM(peaked_checkpoints["llama"], device=device, kv_cache_blocks=24, block_size=4, max_model_len=64,
               early_exit=ExitConfig(layers="all", threshold=0.7))
     prompts = [f"{PROMPTS[i % 8]} {i}" for i in range(32)]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -137,10 +137,10 @@ def reference_exits(model, prompt_ids, exit_layers, threshold, steps):
 
 @pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2"])
 @pytest.mark.parametrize("threshold", [0.6, 0.85])
-def test_engine_matches_independent_reference(kind, threshold, peaked_checkpoints):
+def test_engine_matches_independent_reference(kind, threshold, peaked_checkpoints, device):
     ref = hf_model(peaked_checkpoints[kind])
     exit_layers = (1, 3, 4)
-    llm = LLM(peaked_checkpoints[kind], dtype="float32", kv_cache_blocks=256,
+    llm = LLM(peaked_checkpoints[kind], device=device, dtype="float32", kv_cache_blocks=256,
               early_exit=ExitConfig(layers=[1, 3], threshold=threshold))
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     seen_layers = set()

@@ -13,12 +13,12 @@ def prompts_32():
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_tiny_pool_preempts_and_matches_ample_pool(kind, checkpoints):
+def test_tiny_pool_preempts_and_matches_ample_pool(kind, checkpoints, device):
     prompts = prompts_32()
     params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)] * 16 + [
         SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=i, ignore_eos=True) for i in range(16)]
-    ample = LLM(checkpoints[kind], dtype="float32", kv_cache_blocks=512, block_size=4)
-    tiny = LLM(checkpoints[kind], dtype="float32", kv_cache_blocks=24, block_size=4, max_model_len=64)
+    ample = LLM(checkpoints[kind], device=device, dtype="float32", kv_cache_blocks=512, block_size=4)
+    tiny = LLM(checkpoints[kind], device=device, dtype="float32", kv_cache_blocks=24, block_size=4, max_model_len=64)
     want = ample.generate(prompts, params, use_tqdm=False)
     got = tiny.generate(prompts, params, use_tqdm=False)
     assert tiny.stats()["num_preemptions"] > 0, "the pool was not small enough to force preemption"

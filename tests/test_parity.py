@@ -1,4 +1,7 @@
-"""Parity with transformers: prefill logits (fp32, 1e-4) and greedy token ids, for every architecture."""
+"""Parity with transformers on every device: prefill logits (fp32, 1e-4) and greedy token ids for every
+architecture, truncated models, sliding windows, bf16 runs, and stories260k (a tiny trained Llama).
+
+The transformers oracle always runs on the CPU in float32 (in bf16 for the bf16 comparison)."""
 
 from __future__ import annotations
 
@@ -6,14 +9,14 @@ import pytest
 import torch
 
 from helios import LLM, SamplingParams
-from tests.conftest import ARCHS, PROMPTS, hf_greedy, hf_logits, hf_model
+from tests.conftest import ARCHS, PROMPTS, greedy_agreement, hf_greedy, hf_logits, hf_model, stories260k_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engines(checkpoints):
-    return {kind: LLM(checkpoints[kind], dtype="float32", kv_cache_blocks=256) for kind in ARCHS}
+def engines(checkpoints, device):
+    return {kind: LLM(checkpoints[kind], device=device, dtype="float32", kv_cache_blocks=256) for kind in ARCHS}
 
 
 @pytest.mark.parametrize("kind", ARCHS)
@@ -21,7 +24,7 @@ def test_prefill_logits_match_transformers(kind, engines, checkpoints):
     llm, ref = engines[kind], hf_model(checkpoints[kind])
     for prompt in PROMPTS[:4]:
         ids = llm.get_tokenizer().encode(prompt)
-        torch.testing.assert_close(llm.engine.prompt_logits(ids), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(llm.engine.prompt_logits(ids).cpu(), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ARCHS)
@@ -36,18 +39,18 @@ def test_greedy_ids_match_transformers(kind, engines, checkpoints):
 
 @pytest.mark.parametrize("kind", ["llama", "opt", "opt_postnorm_proj"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_truncated_model_matches_cut_transformers(kind, k, checkpoints):
-    llm = LLM(checkpoints[kind], dtype="float32", num_layers=k, kv_cache_blocks=128)
+def test_truncated_model_matches_cut_transformers(kind, k, checkpoints, device):
+    llm = LLM(checkpoints[kind], device=device, dtype="float32", num_layers=k, kv_cache_blocks=128)
     ref = hf_model(checkpoints[kind], num_layers=k)
     ids = llm.get_tokenizer().encode(PROMPTS[1])
-    torch.testing.assert_close(llm.engine.prompt_logits(ids), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llm.engine.prompt_logits(ids).cpu(), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
     out = llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
     for o in out:
         assert o.outputs[0].token_ids == hf_greedy(ref, o.prompt_token_ids, 24)
     assert llm.stats()["loaded_layers"] == k
 
 
-def test_sliding_window_matches_transformers(tmp_path):
+def test_sliding_window_matches_transformers(tmp_path, device):
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from tests.conftest import make_tokenizer
@@ -58,8 +61,71 @@ def test_sliding_window_matches_transformers(tmp_path):
                            sliding_window=5, initializer_range=0.1, attn_implementation="eager")
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     make_tokenizer().save_pretrained(tmp_path)
-    llm = LLM(tmp_path, dtype="float32", kv_cache_blocks=64)
+    llm = LLM(tmp_path, device=device, dtype="float32", kv_cache_blocks=64)
     ref = hf_model(tmp_path)
     ids = llm.get_tokenizer().encode(PROMPTS[7] + " " + PROMPTS[0])
     assert len(ids) > 5
-    torch.testing.assert_close(llm.engine.prompt_logits(ids), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llm.engine.prompt_logits(ids).cpu(), hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
+    out = llm.generate(PROMPTS[7], GREEDY, use_tqdm=False)[0]  # decodes through the paged kernel's window
+    assert out.outputs[0].token_ids == hf_greedy(ref, out.prompt_token_ids, 24)
+
+
+def hf_bf16(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+# bf16 greedy runs equal transformers' bf16 runs on >= 98% of tokens up to the first divergence. Measured on CPU:
+# 1.0 for these three; random tiny Qwen2 and OPT models give 0.92 and 0.96, because their near-flat
+# distributions make near-ties that bf16 rounding resolves either way (transformers' own bf16 run agrees with its
+# fp32 run on only 0.84 / 0.95 of their tokens), so they are not a meaningful bf16 test.
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "mistral"])
+def test_bf16_greedy_agrees_with_transformers_bf16(kind, checkpoints, device):
+    llm = LLM(checkpoints[kind], device=device, dtype="bfloat16", kv_cache_blocks=256)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    ref = hf_bf16(checkpoints[kind])
+    want = [hf_greedy(ref, o.prompt_token_ids, 24) for o in outs]
+    assert greedy_agreement([o.outputs[0].token_ids for o in outs], want) >= 0.98
+
+
+# ---- stories260k: a tiny trained Llama (../shared/models, or HELIOS_STORIES260K) -------------------------------
+
+STORY_PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park", "One day, a big bird",
+                 "Sam was sad because", "The sun was shining and", "Mom said", "There was a tree"]
+needs_stories = pytest.mark.skipif(
+    stories260k_path() is None, reason="stories260k not found: set HELIOS_STORIES260K or put ../shared beside the repo")
+
+
+@needs_stories
+def test_stories260k_greedy_and_truncated_match_transformers(device):
+    path = stories260k_path()
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    llm = LLM(path, device=device, dtype="float32", kv_cache_blocks=256)
+    ref = hf_model(path)
+    outs = llm.generate(STORY_PROMPTS, params, use_tqdm=False)
+    for out in outs:
+        assert out.outputs[0].token_ids == hf_greedy(ref, out.prompt_token_ids, 48), out.prompt
+    assert "Lily" in outs[0].outputs[0].text  # a real story, not noise
+    cut = LLM(path, device=device, dtype="float32", num_layers=3, kv_cache_blocks=64)
+    ids = outs[0].prompt_token_ids + outs[0].outputs[0].token_ids
+    torch.testing.assert_close(cut.engine.prompt_logits(ids).cpu(), hf_logits(hf_model(path, num_layers=3), ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+@needs_stories
+def test_stories260k_bf16_loses_no_more_than_transformers_bf16(device):
+    """stories260k's 64-wide layers are coarse in bf16: transformers' own bf16 run agrees with its fp32 run on only
+    ~0.83 of the tokens (measured on CPU). helios in bf16 must stay within 0.05 of that."""
+    path = stories260k_path()
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    outs = LLM(path, device=device, dtype="bfloat16", kv_cache_blocks=256).generate(STORY_PROMPTS, params,
+                                                                                      use_tqdm=False)
+    fp32, bf16 = hf_model(path), hf_bf16(path)
+    truth = [hf_greedy(fp32, o.prompt_token_ids, 48) for o in outs]
+    theirs = greedy_agreement([hf_greedy(bf16, o.prompt_token_ids, 48) for o in outs], truth)
+    ours = greedy_agreement([o.outputs[0].token_ids for o in outs], truth)
+    assert ours >= theirs - 0.05, (ours, theirs)

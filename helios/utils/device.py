@@ -15,12 +15,17 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def auto_device() -> torch.device:
+    """What device="auto" means: the current CUDA device when torch sees one, else the CPU."""
+    return torch.device("cuda" if has_cuda() else "cpu")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         resolved = device
     elif isinstance(device, str):
         if device == "auto":
-            return torch.device("cuda" if has_cuda() else "cpu")
+            return auto_device()
         try:
             resolved = torch.device(device)
         except RuntimeError as e:

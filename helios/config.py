@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from helios.exits.config import ExitConfig
+from helios.model.checkpoint import LOAD_FORMATS
 from helios.utils.memory import parse_bytes
 
 
@@ -35,6 +36,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     early_exit: ExitConfig | None = None
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path)):
@@ -55,5 +57,7 @@ class EngineConfig:
             raise TypeError(f"early_exit must be an ExitConfig or None, got {type(self.early_exit).__name__}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be a bool, got {type(self.enable_prefix_caching).__name__}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

@@ -19,7 +19,7 @@ from helios.engine.scheduler import ScheduledSeq, Scheduler
 from helios.engine.sequence import Sequence
 from helios.exits.heads import ExitHeads, find_model_heads
 from helios.kv.cache import KVCache, blocks_for_budget, kv_bytes_per_token
-from helios.model.checkpoint import Checkpoint
+from helios.model.checkpoint import open_checkpoint
 from helios.model.registry import check_supported, load_model
 from helios.model.runner import ModelRunner
 from helios.model.source import resolve_model
@@ -48,7 +48,7 @@ class LLMEngine:
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
                              f"({max_positions})")
-        checkpoint = Checkpoint(self.source.path)
+        checkpoint = open_checkpoint(self.source.path, hf, config.load_format)
         probe = checkpoint.find("model.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                                 "embed_tokens.weight", "decoder.embed_tokens.weight")
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype_of(probe) if probe else None)

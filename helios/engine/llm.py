@@ -24,28 +24,32 @@ class LLM:
     pool size. num_layers loads only the first N decoder layers (the KV pool is sized for those only).
     enable_prefix_caching reuses the KV blocks of shared prompt prefixes (chained block hashes, as in vLLM).
     early_exit=ExitConfig(...) lets tokens leave the layer stack at confident exits (None: plain decoding).
+    load_format="dummy" fills the model's real shapes with random weights (for benchmarks, as in vLLM): the
+    directory then needs only config.json and a tokenizer.
     """
 
     def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  memory_budget: int | str | None = None, block_size: int = 16, kv_cache_blocks: int | None = None,
                  max_num_seqs: int = 256, max_model_len: int | None = None, num_layers: int | None = None,
                  max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
-                 early_exit: ExitConfig | None = None):
+                 early_exit: ExitConfig | None = None, load_format: str = "auto"):
         config = EngineConfig(model=model, device=device, dtype=dtype, memory_budget=memory_budget,
                               block_size=block_size, kv_cache_blocks=kv_cache_blocks, max_num_seqs=max_num_seqs,
                               max_model_len=max_model_len, num_layers=num_layers,
                               max_num_batched_tokens=max_num_batched_tokens, seed=seed,
-                              enable_prefix_caching=enable_prefix_caching, early_exit=early_exit)
+                              enable_prefix_caching=enable_prefix_caching, early_exit=early_exit,
+                              load_format=load_format)
         self.engine = LLMEngine(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
     def _sequences(self, prompts, params):
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if not isinstance(prompts, SequenceABC) or isinstance(prompts, (bytes, bytearray)):
-            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+            raise TypeError(f"prompts must be a prompt or a list of prompts (str or {{'prompt_token_ids': [...]}}), "
+                            f"got {type(prompts).__name__}")
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
@@ -56,9 +60,11 @@ class LLM:
         # Validate everything before queueing anything: a bad request leaves the engine untouched.
         return [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
 
-    def generate(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: str | dict | list[str | dict],
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt; returns one RequestOutput per prompt, in prompt order."""
+        """Generates for every prompt; returns one RequestOutput per prompt, in prompt order. A prompt is text,
+        {"prompt": text} or {"prompt_token_ids": [ids]} (vLLM's forms; the output's prompt is None for ids)."""
         seqs = self._sequences(prompts, params)
         for seq in seqs:
             self.engine.add_sequence(seq)
@@ -73,7 +79,7 @@ class LLM:
                         bar.update(1)
         return [self.engine.to_output(seq) for seq in seqs]
 
-    def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | dict, params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the generated text of one prompt piece by piece as tokens arrive."""
         (seq,) = self._sequences([prompt], params)
         self.engine.add_sequence(seq)

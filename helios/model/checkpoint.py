@@ -1,4 +1,5 @@
-"""Lazy by-name reader of Hugging Face safetensors checkpoints (single file or sharded).
+"""Lazy by-name reader of Hugging Face safetensors checkpoints (single file or sharded), and its stand-in with
+random weights (load_format="dummy", as in vLLM) for timing real model shapes without their files.
 
 Only the tensors asked for are read, so loading layers 1..N never touches the bytes of deeper layers.
 """
@@ -6,6 +7,7 @@ Only the tensors asked for are read, so loading layers 1..N never touches the by
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -69,3 +71,50 @@ class Checkpoint:
             return None
         return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(
             self._handles[path].get_slice(name).get_dtype())
+
+
+class RandomCheckpoint:
+    """The tensor names and shapes transformers gives `config`, filled with seeded random values on request:
+    N(0, initializer_range) for weights and biases, ones for norm weights. Speed does not depend on weight values,
+    so this times a model's real shapes (an 8B model needs no 16 GB of files); its outputs are meaningless."""
+
+    def __init__(self, config, directory: Path, seed: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # names and shapes only; allocates nothing
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self.directory = Path(directory)
+        self.shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        self.std = float(getattr(config, "initializer_range", None) or 0.02)
+        self.dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        self.seed = seed
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def find(self, *candidates: str) -> str | None:
+        return next((name for name in candidates if name in self.shapes), None)
+
+    def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if name not in self.shapes:
+            raise ValueError(f"the model of {self.directory} has no tensor {name!r}")
+        if "norm" in name and name.endswith("weight"):
+            return torch.ones(self.shapes[name], dtype=dtype, device=device)
+        generator = torch.Generator(device=device).manual_seed(self.seed + zlib.crc32(name.encode()))
+        return torch.empty(self.shapes[name], dtype=dtype, device=device).normal_(0, self.std, generator=generator)
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return self.dtype if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def open_checkpoint(directory: Path, config, load_format: str = "auto") -> Checkpoint | RandomCheckpoint:
+    """load_format "auto"/"safetensors": the directory's safetensors; "dummy": random weights of the same shapes."""
+    if load_format == "dummy":
+        return RandomCheckpoint(config, directory)
+    return Checkpoint(directory)

@@ -42,6 +42,12 @@ def test_bad_requests_leave_the_engine_working(llm):
     reference = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="prompt must be a str"):
         llm.generate(["fine", 42], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate(["fine", {"prompt_token_ids": [5, 10**6]}], GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="list of ints"):
+        llm.generate({"prompt_token_ids": "5 6"}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="one key"):
+        llm.generate({"prompt": "a", "text": "b"}, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="prompts must be"):
         llm.generate(None, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="max_model_len"):

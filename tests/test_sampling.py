@@ -74,3 +74,15 @@ def test_stream_yields_the_generated_text(llm):
     pieces = list(llm.stream(PROMPTS[3], params))
     assert len(pieces) > 1
     assert "".join(pieces) == llm.generate(PROMPTS[3], params, use_tqdm=False)[0].outputs[0].text
+
+
+def test_token_id_prompts_equal_their_text(llm):
+    """vLLM's prompt forms: {"prompt_token_ids": [...]} and {"prompt": text} give the outputs of the text."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:3]]
+    by_text = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    by_ids = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    by_dict = llm.generate([{"prompt": p} for p in PROMPTS[:3]], params, use_tqdm=False)
+    for text, tokens, wrapped, i in zip(by_text, by_ids, by_dict, ids, strict=True):
+        assert tokens.outputs[0].token_ids == text.outputs[0].token_ids == wrapped.outputs[0].token_ids
+        assert tokens.prompt_token_ids == i and tokens.prompt is None and wrapped.prompt == text.prompt

@@ -137,15 +137,35 @@ class LLMEngine:
         return ids
 
     # ---- requests -----------------------------------------------------------------------------
-    def make_sequence(self, prompt, params: SamplingParams) -> Sequence:
-        """Validates one request and tokenizes it; raises without touching engine state."""
+    def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text, {"prompt": text} or {"prompt_token_ids": [...]} (vLLM)."""
+        if isinstance(prompt, dict):
+            if set(prompt) == {"prompt"}:
+                prompt = prompt["prompt"]
+            elif set(prompt) == {"prompt_token_ids"}:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise TypeError("prompt_token_ids must be a list of ints")
+                if any(not 0 <= t < self.model.vocab_size for t in ids):
+                    raise ValueError(f"prompt_token_ids must lie in 0..{self.model.vocab_size - 1} (the vocabulary)")
+                if not ids:
+                    raise ValueError("prompt_token_ids is empty")
+                return None, list(ids)
+            else:
+                raise ValueError(f"a prompt dict has one key, 'prompt' or 'prompt_token_ids'; got {sorted(prompt)}")
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise TypeError(f"prompt must be a str or a {{'prompt_token_ids': [...]}} dict, got {type(prompt).__name__}")
         token_ids = self.tokenizer.encode(prompt)
         if not token_ids:
             raise ValueError("prompt is empty after tokenization")
+        return prompt, token_ids
+
+    def make_sequence(self, prompt, params: SamplingParams) -> Sequence:
+        """Validates one request and tokenizes it; raises without touching engine state."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt, token_ids = self._prompt_tokens(prompt)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, longer than max_model_len={self.max_model_len} "
                              "allows (it needs room for at least one generated token)")

@@ -15,13 +15,9 @@ A process decides once, when this module is imported, whether the kernel is comp
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    # No GPU: compiled Triton cannot run here, so the interpreter is the only mode (must precede the import).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import helios  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU, before triton loads)
 
 try:
     import triton
@@ -189,13 +185,20 @@ def exit_head_triton(hidden: torch.Tensor, lm_head: torch.Tensor, norm_weight, n
     idx = torch.empty(shape, device=hidden.device, dtype=torch.int32)
     dummy = hidden.new_zeros(1)
     grid = (triton.cdiv(rows, block_b), splits)
-    _exit_head_partials[grid](
-        hidden, lm_head, norm_weight if norm_weight is not None else dummy,
-        norm_bias if norm_bias is not None else dummy,
-        m, d, s, t1, idx, t2,
-        rows, dim, vocab, eps, tiles_per_split,
-        hidden.stride(0), lm_head.stride(0),
-        NORM=kind, HAS_BIAS=norm_bias is not None and kind == NORM_LAYER, HALF_DOT=lm_head.dtype != torch.float32,
-        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,
-    )
+    try:
+        _exit_head_partials[grid](
+            hidden, lm_head, norm_weight if norm_weight is not None else dummy,
+            norm_bias if norm_bias is not None else dummy,
+            m, d, s, t1, idx, t2,
+            rows, dim, vocab, eps, tiles_per_split,
+            hidden.stride(0), lm_head.stride(0),
+            NORM=kind, HAS_BIAS=norm_bias is not None and kind == NORM_LAYER, HALF_DOT=lm_head.dtype != torch.float32,
+            BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,
+        )
+    except Exception as e:
+        if "outside of the scope of a kernel" in str(e):  # triton.language was compiled-mode already
+            raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its library functions are "
+                               "compiled-mode: set TRITON_INTERPRET=1 (or import helios) before importing triton"
+                               ) from e
+        raise
     return _merge(m, d, s, t1, idx, t2)

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Before anything imports triton: without a GPU, Triton kernels run in the interpreter (importing torch does not
-# import triton). With a GPU the kernels are compiled and the interpreter-only tests skip themselves.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, importing helios sets TRITON_INTERPRET=1 (Triton kernels are interpreted); with one they are
+# compiled, and the interpreter-only tests skip themselves.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),

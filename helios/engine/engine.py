@@ -155,7 +155,8 @@ class LLMEngine:
             else:
                 raise ValueError(f"a prompt dict has one key, 'prompt' or 'prompt_token_ids'; got {sorted(prompt)}")
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str or a {{'prompt_token_ids': [...]}} dict, got {type(prompt).__name__}")
+            raise TypeError("prompt must be a str or a {'prompt_token_ids': [...]} dict, got "
+                            f"{type(prompt).__name__}")
         token_ids = self.tokenizer.encode(prompt)
         if not token_ids:
             raise ValueError("prompt is empty after tokenization")

@@ -46,3 +46,15 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def greedy_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Fraction of positions where two greedy continuations agree, up to each pair's first divergence."""
+    same = total = 0
+    for x, y in zip(got, want, strict=True):
+        for s, t in zip(x, y, strict=False):
+            if s != t:
+                break
+            same += 1
+        total += len(x)
+    return same / total

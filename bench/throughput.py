@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gsm8k_questions, machine, save  # noqa: E402
+from common import greedy_agreement, gsm8k_questions, machine, save  # noqa: E402
 
 from helios import LLM, SamplingParams  # noqa: E402
 
@@ -39,18 +39,6 @@ def helios_run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, li
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     return elapsed, [o.outputs[0].token_ids for o in outputs]
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Fraction of positions where both greedy continuations agree, up to their first divergence."""
-    same = total = 0
-    for x, y in zip(a, b, strict=True):
-        for s, t in zip(x, y, strict=False):
-            if s != t:
-                break
-            same += 1
-        total += len(x)
-    return same / total
 
 
 def main() -> None:
@@ -97,7 +85,7 @@ def main() -> None:
         helios_tps = tokens / statistics.median(times["helios"])
         rows.append({"batch": batch, "new_tokens": args.max_tokens, "transformers_tok_s": round(hf_tps, 1),
                      "helios_tok_s": round(helios_tps, 1), "speedup": round(helios_tps / hf_tps, 2),
-                     "greedy_agreement": round(agreement(helios_ids, hf_ids), 3),
+                     "greedy_agreement": round(greedy_agreement(helios_ids, hf_ids), 3),
                      "prefix_cache_hit_rate": round(hit_rate, 3),
                      "times_s": {k: [round(x, 3) for x in v] for k, v in times.items()}})
         r = rows[-1]

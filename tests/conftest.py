@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU, importing helios sets TRITON_INTERPRET=1 (Triton kernels are interpreted); with one they are
-# compiled, and the interpreter-only tests skip themselves.
+import helios  # noqa: E402, F401  first: without a GPU it sets TRITON_INTERPRET=1 before transformers can load triton
+
+# With a GPU the Triton kernels are compiled, and the interpreter-only tests skip themselves.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),

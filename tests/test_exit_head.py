@@ -149,3 +149,28 @@ def test_bad_arguments():
         exit_head(torch.zeros(1, 3), torch.zeros(5, 3), None, norm="batch")
     with pytest.raises(ValueError, match="backend"):
         exit_head(torch.zeros(1, 3), torch.zeros(5, 3), None, norm="none", backend="cuda")
+
+
+def test_exit_head_is_callable_where_the_readme_says_and_its_module_stays_importable():
+    import importlib
+    import inspect
+
+    import helios.ops
+
+    assert inspect.isfunction(helios.ops.exit_head)
+    module = importlib.import_module("helios.ops.exit_head")
+    assert module.exit_head is helios.ops.exit_head and callable(module.exit_head_native)
+
+
+def test_readme_exit_head_example_runs(capsys):
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "helios.ops.exit_head(" in b]
+    assert len(blocks) == 1
+    exec(compile("\n".join(line.removeprefix("  ") for line in blocks[0].splitlines()), "README.md", "exec"), {})
+    tokens, probs = (json.loads(f"[{part}]") for part in re.findall(r"\[([^\]]*)\]", capsys.readouterr().out))
+    assert len(tokens) == len(probs) == 4
+    assert all(0 <= t < 49152 for t in tokens) and all(0 < p <= 1 for p in probs)

@@ -185,11 +185,11 @@ def random_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[l
 
 
 def read_bytes_per_step(model) -> int:
-    """Weights a decode step must read: every loaded layer, the final norm and the LM head (a tied head is the
-    embedding, read once as the head; an untied embedding is only indexed, B rows)."""
+    """Weights a decode step must read: every loaded layer, the final norm and the LM head once. The embedding is
+    only indexed (B rows), unless it is also the head itself (tied, and no separately packed copy of the head)."""
     embed = model.embed_tokens.numel() * model.embed_tokens.element_size()
-    tied = model.lm_head is model.embed_tokens
-    return model.weight_bytes - (0 if tied else embed)
+    head_is_embedding = model.lm_head is model.embed_tokens and not model.head.packed
+    return model.weight_bytes - (0 if head_is_embedding else embed)
 
 
 def decode_step_rows(device: torch.device, name: str, directory: Path, batches: list[int], prompt_len: int,

@@ -86,7 +86,7 @@ class RandomCheckpoint:
         self.directory = Path(directory)
         self.shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
         self.std = float(getattr(config, "initializer_range", None) or 0.02)
-        self.dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        self.dtype = getattr(config, "dtype", None)
         self.seed = seed
 
     def __contains__(self, name: str) -> bool:

@@ -93,7 +93,7 @@ def build(out: Path) -> dict:
     env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e",
            str(ROOT)]
-    code, seconds = run_logged(cmd, out / "build.log", env, timeout=600)
+    code, seconds = run_logged(cmd, out / "build.log", env, timeout=300)
     probe = subprocess.run([sys.executable, "-c", "import helios._C as c; print(c.built_with_cuda)"], cwd=ROOT,
                            capture_output=True, text=True)
     return {"returncode": code, "seconds": round(seconds, 1), "arch_list": env["TORCH_CUDA_ARCH_LIST"],

@@ -14,7 +14,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 
-class Checkpoint:
+class NamedTensors:
+    """Lookup by tensor name; subclasses fill `_index` (name -> where or what the tensor is)."""
+
+    _index: dict
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def find(self, *candidates: str) -> str | None:
+        """First of the candidate names present (checkpoints differ in their 'model.' prefixes)."""
+        return next((name for name in candidates if name in self._index), None)
+
+
+class Checkpoint(NamedTensors):
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
@@ -42,16 +58,7 @@ class Checkpoint:
             self._handles[path] = handle
             for name in handle.keys():
                 self._file_of[name] = path
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def find(self, *candidates: str) -> str | None:
-        """First of the candidate names present (checkpoints differ in their 'model.' prefixes)."""
-        return next((name for name in candidates if name in self._file_of), None)
+        self._index = self._file_of
 
     def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         path = self._file_of.get(name)
@@ -73,7 +80,7 @@ class Checkpoint:
             self._handles[path].get_slice(name).get_dtype())
 
 
-class RandomCheckpoint:
+class RandomCheckpoint(NamedTensors):
     """The tensor names and shapes transformers gives `config`, filled with seeded random values on request:
     N(0, initializer_range) for weights and biases, ones for norm weights. Speed does not depend on weight values,
     so this times a model's real shapes (an 8B model needs no 16 GB of files); its outputs are meaningless."""
@@ -85,18 +92,10 @@ class RandomCheckpoint:
             skeleton = AutoModelForCausalLM.from_config(config)
         self.directory = Path(directory)
         self.shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        self._index = self.shapes
         self.std = float(getattr(config, "initializer_range", None) or 0.02)
         self.dtype = getattr(config, "dtype", None)
         self.seed = seed
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.shapes
-
-    def names(self) -> list[str]:
-        return list(self.shapes)
-
-    def find(self, *candidates: str) -> str | None:
-        return next((name for name in candidates if name in self.shapes), None)
 
     def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if name not in self.shapes:

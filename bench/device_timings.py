@@ -209,10 +209,11 @@ def decode_step_rows(device: torch.device, name: str, directory: Path, batches: 
     rows = []
     for batch in batches:
         params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-        seqs = [engine.make_sequence({"prompt_token_ids": ids}, params)
-                for ids in random_prompts(batch, prompt_len, min(model.vocab_size, 32000), seed=batch)]
-        for seq in seqs:
-            engine.add_sequence(seq)
+        requests = [engine.make_request(ids, params)
+                    for ids in random_prompts(batch, prompt_len, min(model.vocab_size, 32000), seed=batch)]
+        for request in requests:
+            engine.add_request(request)
+        seqs = [request.seqs[0] for request in requests]
         times, contexts = [], []
         while engine.has_unfinished():
             decoding = all(s.num_output_tokens >= 1 for s in seqs)

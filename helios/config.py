@@ -37,6 +37,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     early_exit: ExitConfig | None = None
     load_format: str = "auto"
+    # vLLM's constructor names, honoured or refused with what helios does instead
+    tokenizer: str | Path | None = None
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path)):
@@ -61,3 +67,21 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, (str, Path)):
+            raise TypeError(f"tokenizer must be a directory path, got {type(self.tokenizer).__name__}")
+        if self.gpu_memory_utilization is not None:
+            value = self.gpu_memory_utilization
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"gpu_memory_utilization must be a number, got {type(value).__name__}")
+            if not 0 < value <= 1:
+                raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {value}")
+            if self.memory_budget is not None:
+                raise ValueError("pass memory_budget (bytes) or gpu_memory_utilization (a share of GPU memory), "
+                                 "not both")
+        for name in ("enforce_eager", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: helios runs a model on one device "
+                             "(tensor parallelism is not supported); use 1")

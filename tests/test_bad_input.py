@@ -25,7 +25,18 @@ def llm(checkpoints):
     (dict(temperature="hot"), TypeError, "temperature"),
     (dict(top_p=0.0), ValueError, "top_p"),
     (dict(top_p=1.5), ValueError, "top_p"),
-    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=-2), ValueError, "top_k"),
+    (dict(n=0), ValueError, "n"),
+    (dict(presence_penalty=2.5), ValueError, "presence_penalty"),
+    (dict(frequency_penalty="x"), TypeError, "frequency_penalty"),
+    (dict(repetition_penalty=0), ValueError, "repetition_penalty"),
+    (dict(min_p=1.5), ValueError, "min_p"),
+    (dict(min_tokens=-1), ValueError, "min_tokens"),
+    (dict(min_tokens=20, max_tokens=10), ValueError, "min_tokens"),
+    (dict(logprobs=-1), ValueError, "logprobs"),
+    (dict(prompt_logprobs=1.5), TypeError, "prompt_logprobs"),
+    (dict(skip_special_tokens=1), TypeError, "skip_special_tokens"),
+    (dict(include_stop_str_in_output="no"), TypeError, "include_stop_str_in_output"),
     (dict(max_tokens=0), ValueError, "max_tokens"),
     (dict(max_tokens=2.5), TypeError, "max_tokens"),
     (dict(stop=[1, 2]), TypeError, "stop"),
@@ -46,7 +57,7 @@ def test_bad_requests_leave_the_engine_working(llm):
         llm.generate(["fine", {"prompt_token_ids": [5, 10**6]}], GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="list of ints"):
         llm.generate({"prompt_token_ids": "5 6"}, GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="one key"):
+    with pytest.raises(ValueError, match="prompt dict"):
         llm.generate({"prompt": "a", "text": "b"}, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="prompts must be"):
         llm.generate(None, GREEDY, use_tqdm=False)

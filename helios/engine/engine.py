@@ -6,19 +6,24 @@ so that a bad argument fails before anything large is allocated.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import threading
 from collections import Counter
 
 import torch
 from transformers import AutoTokenizer
 
 from helios.config import EngineConfig
-from helios.engine.outputs import CompletionOutput, RequestOutput
+from helios.engine.output_processor import OutputProcessor
+from helios.engine.outputs import RequestOutput
+from helios.engine.prompts import parse_prompt
 from helios.engine.scheduler import ScheduledSeq, Scheduler
-from helios.engine.sequence import Sequence
+from helios.engine.sequence import Request, Sequence
 from helios.exits.heads import ExitHeads, find_model_heads
-from helios.kv.cache import KVCache, blocks_for_budget, kv_bytes_per_token
+from helios.kv.cache import KVCache, kv_bytes_per_token
+from helios.kv.sizing import kv_pool_blocks
 from helios.model.checkpoint import open_checkpoint
 from helios.model.registry import check_supported, load_model
 from helios.model.runner import ModelRunner
@@ -26,10 +31,19 @@ from helios.model.source import resolve_model
 from helios.ops import PagedAttentionOps
 from helios.sampling_params import SamplingParams
 from helios.utils.device import resolve_device, resolve_dtype
-from helios.utils.memory import device_total_memory, format_bytes
 
 logger = logging.getLogger("helios")
-CPU_DEFAULT_KV_BYTES = 4 * 2**30  # like vLLM's CPU KV space default
+
+
+def locked(method):
+    """Runs an LLMEngine method under the engine's re-entrant lock."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class LLMEngine:
@@ -52,17 +66,25 @@ class LLMEngine:
         probe = checkpoint.find("model.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                                 "embed_tokens.weight", "decoder.embed_tokens.weight")
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype_of(probe) if probe else None)
+        tokenizer_path = config.tokenizer or self.source.path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"cannot load a tokenizer from {self.source.path}: {e}") from e
+            raise ValueError(f"cannot load a tokenizer from {tokenizer_path}: {e}") from e
+        if config.trust_remote_code:
+            logger.warning("trust_remote_code=True changes nothing: helios serves its built-in architectures and "
+                           "never runs code from a checkpoint")
 
         self.model = load_model(hf, checkpoint, num_layers, self.max_model_len, self.dtype, self.device,
                                 PagedAttentionOps(self.device))
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.kv_bytes_per_token = kv_bytes_per_token(num_layers, self.model.num_kv_heads, self.model.head_dim,
                                                      self.dtype)
-        num_blocks = self._num_blocks()
+        num_blocks, self.kv_sizing = kv_pool_blocks(
+            device=self.device, weight_bytes=self.model.weight_bytes, activation_bytes=self._activation_bytes(),
+            bytes_per_token=self.kv_bytes_per_token, block_size=config.block_size,
+            kv_cache_blocks=config.kv_cache_blocks, memory_budget=config.memory_budget,
+            gpu_memory_utilization=config.gpu_memory_utilization, loaded_layers=num_layers)
         blocks_per_max_seq = -(-self.max_model_len // config.block_size)
         if num_blocks < blocks_per_max_seq:
             if config.max_model_len is not None:
@@ -82,6 +104,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens,
                                    prefix_caching=config.enable_prefix_caching)
         self.eos_token_ids = self._eos_ids()
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.runner.stop_ids = frozenset(self.eos_token_ids)
+        self.lock = threading.RLock()
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._stepping = False
+        self._pending_aborts: list[str] = []
         self._request_ids = itertools.count()
         self.num_generated_tokens = 0
         self.exit_histogram: Counter[int] = Counter()  # 1-based exit layer -> generated tokens
@@ -108,24 +136,6 @@ class LLMEngine:
         logits = self.config.max_num_seqs * m.vocab_size * 4
         return self.max_num_batched_tokens * (per_token + 3 * mlp) * size + logits
 
-    def _num_blocks(self) -> int:
-        if self.config.kv_cache_blocks is not None:
-            return self.config.kv_cache_blocks
-        weights = self.model.weight_bytes
-        activations = self._activation_bytes()
-        if self.config.memory_budget is not None:
-            budget = self.config.memory_budget
-        elif self.device.type == "cuda":
-            budget = int(0.9 * device_total_memory(self.device))
-        else:
-            kv = min(CPU_DEFAULT_KV_BYTES, device_total_memory(self.device) // 4)
-            budget = weights + activations + kv
-        if budget <= weights + activations:
-            raise ValueError(
-                f"memory_budget={format_bytes(budget)} does not cover the weights of {self.model.loaded_layers} "
-                f"layers ({format_bytes(weights)}) plus activations ({format_bytes(activations)})")
-        return blocks_for_budget(budget, weights, activations, self.kv_bytes_per_token, self.config.block_size)
-
     def _eos_ids(self) -> set[int]:
         ids = set()
         for source in (self.source.config, getattr(self.tokenizer, "eos_token_id", None)):
@@ -137,88 +147,94 @@ class LLMEngine:
         return ids
 
     # ---- requests -----------------------------------------------------------------------------
-    def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text, {"prompt": text} or {"prompt_token_ids": [...]} (vLLM)."""
-        if isinstance(prompt, dict):
-            if set(prompt) == {"prompt"}:
-                prompt = prompt["prompt"]
-            elif set(prompt) == {"prompt_token_ids"}:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(
-                        isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise TypeError("prompt_token_ids must be a list of ints")
-                if any(not 0 <= t < self.model.vocab_size for t in ids):
-                    raise ValueError(f"prompt_token_ids must lie in 0..{self.model.vocab_size - 1} (the vocabulary)")
-                if not ids:
-                    raise ValueError("prompt_token_ids is empty")
-                return None, list(ids)
-            else:
-                raise ValueError(f"a prompt dict has one key, 'prompt' or 'prompt_token_ids'; got {sorted(prompt)}")
-        if not isinstance(prompt, str):
-            raise TypeError("prompt must be a str or a {'prompt_token_ids': [...]} dict, got "
-                            f"{type(prompt).__name__}")
-        token_ids = self.tokenizer.encode(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty after tokenization")
-        return prompt, token_ids
-
-    def make_sequence(self, prompt, params: SamplingParams) -> Sequence:
+    # Public methods hold self.lock: one LLM may be used from several threads (each step advances every request;
+    # a caller waits for its own). An abort asked for during a step (a stream closed by the garbage collector
+    # inside it, say) is carried out when the step ends.
+    def make_request(self, prompt, params: SamplingParams) -> Request:
         """Validates one request and tokenizes it; raises without touching engine state."""
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt, token_ids = self._prompt_tokens(prompt)
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        params = params.clone()  # validated again here: attributes may have been changed since construction
+        text, token_ids = parse_prompt(prompt, self.tokenizer, self.model.vocab_size)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, longer than max_model_len={self.max_model_len} "
                              "allows (it needs room for at least one generated token)")
         if any(t >= self.model.vocab_size for t in params.stop_token_ids or []):
             raise ValueError(f"SamplingParams.stop_token_ids has ids >= vocab size {self.model.vocab_size}")
-        return Sequence(str(next(self._request_ids)), prompt, token_ids, params)
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.model.vocab_size:
+                raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size {self.model.vocab_size}")
+        return Request(str(next(self._request_ids)), text, token_ids, params)
 
-    def add_sequence(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+    @locked
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} was added already")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    @locked
+    def abort(self, request_id: str) -> bool:
+        """Stops a request: its sequences finish with finish_reason "abort" and give back their KV blocks.
+        False when no such request is running (unknown, or already finished)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if self._stepping:
+            self._pending_aborts.append(request_id)
+            return True
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        del self.requests[request_id]
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @locked
     def step(self) -> list[Sequence]:
         """Runs one batch; returns the sequences that advanced (each gained exactly one token)."""
+        self._stepping = True
+        try:
+            return self._step()
+        finally:
+            self._stepping = False
+            pending, self._pending_aborts = self._pending_aborts, []
+            for request_id in pending:
+                self.abort(request_id)
+
+    def _step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
         choices = self.runner.step(batch)
         advanced = []
         for item, choice in zip(batch, choices, strict=True):
-            seq, token = item.seq, choice.token
-            seq.token_ids.append(token)
+            seq = item.seq
+            seq.token_ids.append(choice.token)
             seq.exit_layers.append(choice.exit_layer)
             seq.confidences.append(choice.confidence)
+            if choice.logprobs is not None:
+                seq.logprobs.append(choice.logprobs)
+            if choice.prompt_logprobs is not None and seq.prompt_logprobs is None:
+                seq.prompt_logprobs = choice.prompt_logprobs
             self.exit_histogram[choice.exit_layer] += 1
             self.num_breaches += choice.breach
             self.num_generated_tokens += 1
-            self._check_finished(seq, token)
+            self.outputs.check_finished(seq)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+                self._forget_if_done(seq.request_id)
             advanced.append(seq)
         return advanced
 
-    def _check_finished(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if not p.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-        elif p.stop_token_ids and token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif p.stop and self._stop_string_end(seq) is not None:
-            seq.finish_reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-
-    def _stop_string_end(self, seq: Sequence) -> int | None:
-        text = self.decode(seq.output_token_ids)
-        hits = [text.find(s) for s in seq.params.stop if s in text]
-        if hits:
-            seq.stop_text_end = min(hits)
-            return seq.stop_text_end
-        return None
+    def _forget_if_done(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None and request.is_finished:
+            del self.requests[request_id]
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -226,6 +242,7 @@ class LLMEngine:
         hidden = self.hidden_states([token_ids], [self.model.loaded_layers])[self.model.loaded_layers]
         return self.model.compute_logits(hidden).float()
 
+    @locked
     @torch.inference_mode()
     def hidden_states(self, windows: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
         """Teacher-forced hidden states after each listed 1-based layer: {layer: [total tokens, d]}, the
@@ -237,7 +254,7 @@ class LLMEngine:
         depth = self.model.loaded_layers
         if not layers or any(not 1 <= layer <= depth for layer in layers):
             raise ValueError(f"layers {sorted(layers)} must lie in 1..{depth} (the loaded layers)")
-        seqs = [Sequence("score", "", list(w), SamplingParams(max_tokens=1)) for w in windows]
+        seqs = [Sequence("score", None, list(w), SamplingParams(max_tokens=1)) for w in windows]
         allocator = self.kv_cache.allocator
         try:
             for seq in seqs:
@@ -259,22 +276,19 @@ class LLMEngine:
             for seq in seqs:
                 allocator.free_sequence(seq.seq_id)
 
+    @locked
     def reset_prefix_cache(self) -> None:
         self.kv_cache.allocator.reset_prefix_cache()
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    @locked
+    def output(self, request: Request) -> RequestOutput:
+        return self.outputs.request_output(request)
 
-    def output_text(self, seq: Sequence) -> str:
-        text = self.decode(seq.output_token_ids)
-        return text[: seq.stop_text_end] if seq.stop_text_end is not None else text
+    @locked
+    def stable_text(self, seq: Sequence) -> str:
+        return self.outputs.stable_text(seq)
 
-    def to_output(self, seq: Sequence) -> RequestOutput:
-        completion = CompletionOutput(0, self.output_text(seq), seq.output_token_ids, seq.finish_reason,
-                                      list(seq.exit_layers), list(seq.confidences))
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],
-                             finished=seq.finish_reason is not None)
-
+    @locked
     def stats(self) -> dict:
         kv = self.kv_cache
         blocks_per_seq = -(-self.max_model_len // kv.block_size)
@@ -292,6 +306,7 @@ class LLMEngine:
             "block_size": kv.block_size,
             "kv_blocks_total": kv.num_blocks,
             "kv_blocks_free": kv.allocator.num_free,
+            "kv_cache_sizing": self.kv_sizing,
             "max_model_len": self.max_model_len,
             "max_concurrent_seqs": min(self.config.max_num_seqs, kv.num_blocks // blocks_per_seq),
             "num_preemptions": self.scheduler.num_preemptions,

@@ -102,7 +102,7 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> int:
         """Takes the cached blocks of seq's leading full blocks; returns how many (0 without caching)."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:  # those need every prompt position
             return 0
         # At least one token must be computed: its logits give the next token.
         limit = (seq.num_tokens - 1) // self.block_size

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helios.engine.sampler import sample
+from helios.engine.sampler import TokenLogprobs, needs_logits, sample
 from helios.engine.scheduler import ScheduledSeq
 from helios.exits.config import ExitPolicy
 from helios.model.base import DecoderModel
@@ -28,6 +28,8 @@ class TokenChoice:
     exit_layer: int  # 1-based
     confidence: float  # the configured measure (max_prob when no early exit is configured)
     breach: bool  # left at the last loaded layer without passing the threshold
+    logprobs: TokenLogprobs | None = None  # when the sequence asked for them: from the exit that chose the token
+    prompt_logprobs: list[TokenLogprobs] | None = None  # set on the step that prefilled a prompt asking for them
 
 
 def confidence_from_logits(logits: torch.Tensor):
@@ -70,10 +72,11 @@ class ExitForward:
         self.exits = set(policy.layers)
         self.kv_layers = kv_layers
         self.generator = generator
+        self.stop_ids: frozenset[int] = frozenset()  # EOS ids, masked for rows below their min_tokens
 
     def _decide(self, hidden_rows: torch.Tensor, seqs: list, layer: int, final: bool) -> list[TokenChoice | None]:
         """Exit test at `layer` for these rows; None for rows that stay (never at the final layer)."""
-        greedy = all(s.params.greedy for s in seqs)
+        greedy = not any(needs_logits(s) for s in seqs)  # plain argmax rows: the fused head, no logits
         if final:
             logits = self.model.compute_logits(hidden_rows).float()  # exactly plain decoding's last layer
         elif not greedy:
@@ -91,16 +94,18 @@ class ExitForward:
         if not leaving:
             return [None] * len(seqs)
         if logits is not None:
-            chosen = sample(logits[leaving], [seqs[i] for i in leaving], self.generator)
+            chosen, logprobs = sample(logits[leaving], [seqs[i] for i in leaving], self.generator, self.stop_ids)
         else:
-            chosen = tokens[leaving].tolist()
+            chosen, logprobs = tokens[leaving].tolist(), [None] * len(leaving)
         out: list[TokenChoice | None] = [None] * len(seqs)
-        for i, token in zip(leaving, chosen, strict=True):
-            out[i] = TokenChoice(int(token), layer, float(measure[i]), breach=final and not passed[i])
+        for i, token, lp in zip(leaving, chosen, logprobs, strict=True):
+            out[i] = TokenChoice(int(token), layer, float(measure[i]), breach=final and not passed[i], logprobs=lp)
         return out
 
     def run(self, batch: list[ScheduledSeq], input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> list[TokenChoice]:
+            meta: AttentionMetadata) -> tuple[list[TokenChoice], torch.Tensor, AttentionMetadata]:
+        """The token choices, and the last layer's hidden states of the rows still there at the end (every prefill
+        row is) with their metadata."""
         model, device = self.model, input_ids.device
         depth = model.loaded_layers
         seqs = [item.seq for item in batch]
@@ -140,7 +145,7 @@ class ExitForward:
             hidden, positions = hidden[rows], positions[rows]
             meta = drop_paged_rows(meta, keep, device)
             current = [s for s, k in zip(current, keep, strict=True) if k]
-        return choices  # every entry is set: the last loaded layer decides all that remain
+        return choices, hidden, meta  # every choice is set: the last loaded layer decides all that remain
 
     @staticmethod
     def _row_keep(keep: list[bool], meta: AttentionMetadata) -> list[bool]:

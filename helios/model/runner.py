@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from helios.engine.sampler import sample
+from helios.engine.sampler import prompt_token_logprobs, sample
 from helios.engine.scheduler import ScheduledSeq
 from helios.exits.config import ExitPolicy
 from helios.exits.forward import ExitForward, TokenChoice
@@ -24,6 +24,17 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
         self.exits = ExitForward(model, exit_policy, self.kv_layers, self.generator) if exit_policy else None
+        self.stop_ids: frozenset[int] = frozenset()  # EOS ids: masked for rows still below their min_tokens
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self._stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, ids: frozenset[int]) -> None:
+        self._stop_ids = frozenset(ids)
+        if self.exits is not None:
+            self.exits.stop_ids = self._stop_ids
 
     def prepare(self, batch: list[ScheduledSeq]):
         allocator = self.kv_cache.allocator
@@ -84,15 +95,29 @@ class ModelRunner:
     def step(self, batch: list[ScheduledSeq]) -> list[TokenChoice]:
         input_ids, positions, meta, last = self.prepare(batch)
         if self.exits is not None:
-            choices = self.exits.run(batch, input_ids, positions, meta)
+            choices, hidden, meta = self.exits.run(batch, input_ids, positions, meta)
         else:
             hidden = self.model.forward(input_ids, positions, self.kv_layers, meta)
             logits = self.model.compute_logits(hidden[last]).float()
-            tokens = sample(logits, [item.seq for item in batch], self.generator)
+            tokens, logprobs = sample(logits, [item.seq for item in batch], self.generator, self.stop_ids)
             # telemetry of plain decoding: every token leaves at the last loaded layer; confidence = max prob
             p1 = (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp().tolist()
             depth = self.model.loaded_layers
-            choices = [TokenChoice(t, depth, c, False) for t, c in zip(tokens, p1, strict=True)]
+            choices = [TokenChoice(t, depth, c, False, lp) for t, c, lp in zip(tokens, p1, logprobs, strict=True)]
+        self._prompt_logprobs(batch, hidden, meta, choices)
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
         return choices
+
+    def _prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata,
+                         choices: list[TokenChoice]) -> None:
+        """Prompt logprobs for sequences prefilled from position 0 this step that asked for them (the scheduler
+        never serves such prompts from the prefix cache). Prefills are the batch's dense sequences, in order."""
+        first_dense = len(batch) - len(meta.dense or [])
+        for k, dense in enumerate(meta.dense or []):
+            seq = batch[first_dense + k].seq
+            if seq.params.prompt_logprobs is None or seq.prompt_logprobs is not None or seq.index != 0:
+                continue
+            rows = hidden[dense.start:dense.start + seq.prompt_len - 1]
+            choices[first_dense + k].prompt_logprobs = prompt_token_logprobs(
+                self.model.compute_logits, rows, seq.prompt_token_ids, seq.params.prompt_logprobs)

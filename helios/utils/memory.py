@@ -39,11 +39,39 @@ def format_bytes(n: int | float) -> str:
     return f"{n:.2f} GiB"
 
 
-def available_host_memory() -> int:
+def _meminfo_bytes(field: str, path: str = "/proc/meminfo") -> int | None:
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit, None without a limit."""
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(open("/sys/fs/cgroup/memory.current").read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def available_host_memory() -> int:
+    """Memory this process can still get: MemAvailable (free memory plus reclaimable page cache, so a full page
+    cache does not count as used), capped by the cgroup limit. Falls back to the physical memory size."""
+    available = _meminfo_bytes("MemAvailable")
+    if available is None:
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 * 2**30
+    room = _cgroup_room()
+    return min(available, room) if room is not None else available
 
 
 def device_total_memory(device: torch.device) -> int:

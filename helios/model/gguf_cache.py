@@ -19,10 +19,30 @@ def cache_root() -> Path:
     return Path(os.environ.get("HELIOS_CACHE") or Path.home() / ".cache" / "helios")
 
 
+CONVERSION_VERSION = 2  # part of the cache key: entries written by an older conversion are converted again
+
+
 def _cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v{CONVERSION_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def _chat_template(gguf_path: Path) -> str | None:
+    """The chat template of the tokenizer files beside a GGUF, else the one in its metadata. transformers drops it
+    when it reads a GGUF's tokenizer from a folder that also holds tokenizer files."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    try:
+        template = AutoTokenizer.from_pretrained(gguf_path.parent).chat_template
+    except (OSError, ValueError, TypeError, KeyError):
+        template = None
+    if template:
+        return template
+    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")  # parses the whole header: slow
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None and field.data else None
 
 
 def convert_gguf(gguf_path: Path) -> Path:
@@ -47,6 +67,8 @@ def convert_gguf(gguf_path: Path) -> Path:
             skeleton = AutoModelForCausalLM.from_config(config)
         tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = _chat_template(gguf_path)
     except (ValueError, KeyError, OSError, EOFError, IndexError) as e:
         raise ValueError(f"cannot read GGUF file {gguf_path}: {e}") from e
     target.parent.mkdir(parents=True, exist_ok=True)

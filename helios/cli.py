@@ -1,12 +1,15 @@
-"""helios command line: `helios generate` streams a completion, `helios info` describes a model,
-`helios tune-exits` trains exit adapters, `helios calibrate` picks their thresholds."""
+"""helios command line: `helios generate` streams a completion (or writes a file of prompts' completions as JSON
+lines), `helios info` describes a model, `helios tune-exits` trains exit adapters, `helios calibrate` picks their
+thresholds. A bare `helios` prints this help; Ctrl-C stops cleanly (exit status 130)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from helios import __version__ as helios_version
 from helios.model.source import DEFAULT_MODEL
 from helios.utils.memory import format_bytes
 
@@ -26,22 +29,67 @@ def _engine_kwargs(args) -> dict:
                 memory_budget=args.memory_budget, max_model_len=args.max_model_len)
 
 
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per line of a text file (blank lines skipped), or per record of a .jsonl file (a string, or an
+    object with a "prompt" field)."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read --prompts-file {path}: {e}") from e
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        record = json.loads(line)
+        prompt = record.get("prompt") if isinstance(record, dict) else record
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path} line {number}: expected a string or an object with a 'prompt' string")
+        prompts.append(prompt)
+    return prompts
+
+
+def _exit_config(args):
+    from helios import ExitConfig
+
+    if not (args.early_exit or args.heads):
+        return None
+    return ExitConfig(threshold=args.exit_threshold, heads=args.heads)
+
+
+def _exit_summary(llm) -> str:
+    stats = llm.stats()
+    histogram, depth = stats["exit_histogram"], stats["loaded_layers"]
+    total = sum(histogram.values())
+    early = sum(count for layer, count in histogram.items() if layer < depth)
+    return (f"early exit: {early}/{total} tokens left before layer {depth} ({early / max(1, total):.0%}); "
+            f"exit layers {histogram}; confidence breaches {stats['num_breaches']}")
+
+
 def cmd_generate(args) -> int:
     from helios import LLM, SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or None)
-    llm = LLM(**_engine_kwargs(args), max_num_seqs=1)
-    prompt = args.prompt
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
+    llm = LLM(**_engine_kwargs(args), max_num_seqs=1 if args.prompt is not None else 256,
+              early_exit=_exit_config(args))
     if args.chat:
-        prompt = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                        add_generation_prompt=True)
-    if args.echo:
-        sys.stdout.write(args.prompt)
-    for piece in llm.stream(prompt, params):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    if args.prompts_file is not None:  # a batch: one JSON line per prompt, in order
+        for source, out in zip(prompts, llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()), strict=True):
+            completion = out.outputs[0]
+            record = {"prompt": source["prompt"] if isinstance(source, dict) else source, "text": completion.text,
+                      "finish_reason": completion.finish_reason, "tokens": len(completion.token_ids)}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    else:
+        if args.echo:
+            sys.stdout.write(args.prompt)
+        for piece in llm.stream(prompts[0], params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    if llm.stats()["early_exit"] is not None:
+        print(_exit_summary(llm), file=sys.stderr)
     return 0
 
 
@@ -124,10 +172,16 @@ def cmd_calibrate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios", description="helios-serve: early-exit LLM serving runtime")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    version = f"helios-serve {helios_version}"
+    parser.add_argument("--version", action="version", version=version)
+    sub = parser.add_subparsers(dest="command")
+    gen = sub.add_parser("generate", help="generate text for a prompt (streamed) or a file of prompts (JSON lines)")
     _add_engine_args(gen)
-    gen.add_argument("--prompt", required=True)
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt; its completion is streamed to the terminal")
+    what.add_argument("--prompts-file", help="one prompt per line (.jsonl: a string or {\"prompt\": ...} per line); "
+                                             "prints one JSON line per completion")
+    gen.add_argument("--version", action="version", version=version)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -136,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    gen.add_argument("--early-exit", action="store_true",
+                     help="let tokens leave the layer stack at confident exits (ExitConfig defaults)")
+    gen.add_argument("--heads", default=None,
+                     help="tuned exit heads (a tune-exits directory); implies --early-exit, calibrated thresholds")
+    gen.add_argument("--exit-threshold", type=float, default=None,
+                     help="confidence threshold of every exit (default: the heads' calibrated ones, else 0.9)")
     gen.set_defaults(func=cmd_generate)
     info = sub.add_parser("info", help="print layers, parameters and memory of a model")
     _add_engine_args(info)
@@ -184,12 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `helios`
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"helios: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: streams and batches abort their requests on the way out
+        print("\nhelios: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

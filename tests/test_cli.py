@@ -35,3 +35,53 @@ def test_info_reports_layers_and_memory(checkpoints, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_bare_helios_prints_help_and_version(capsys):
+    import pytest
+
+    from helios import __version__
+
+    assert main([]) == 0
+    assert "generate" in capsys.readouterr().out
+    for argv in (["--version"], ["generate", "--version"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0 and capsys.readouterr().out.strip() == f"helios-serve {__version__}"
+
+
+def test_prompts_file_prints_one_json_line_per_prompt(checkpoints, tmp_path, capsys):
+    path = checkpoints["llama"]
+    text_file, jsonl_file = tmp_path / "prompts.txt", tmp_path / "prompts.jsonl"
+    text_file.write_text("\n".join(PROMPTS[:3]) + "\n\n")
+    jsonl_file.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS[:3]))
+    want = [o.outputs[0].text for o in LLM(path, kv_cache_blocks=64).generate(
+        PROMPTS[:3], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)]
+    for file in (text_file, jsonl_file):
+        assert main(["generate", "--model", str(path), "--prompts-file", str(file), "--max-tokens", "6"]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert [r["prompt"] for r in records] == PROMPTS[:3] and [r["text"] for r in records] == want
+
+
+def test_generate_with_early_exit_reports_exits(peaked_checkpoints, capsys):
+    path = str(peaked_checkpoints["llama"])
+    assert main(["generate", "--model", path, "--prompt", PROMPTS[0], "--max-tokens", "8", "--early-exit",
+                 "--exit-threshold", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "early exit:" in captured.err and "exit layers" in captured.err
+
+
+def test_ctrl_c_exits_cleanly(checkpoints, capsys, monkeypatch):
+    def interrupted(self, prompt, params=None):
+        yield "partial"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM, "stream", interrupted)
+    assert main(["generate", "--model", str(checkpoints["llama"]), "--prompt", "hi"]) == 130
+    captured = capsys.readouterr()
+    assert "interrupted" in captured.err and "Traceback" not in captured.err
+
+
+def test_chat_flag_on_a_model_without_template_is_a_clear_error(checkpoints, capsys):
+    assert main(["generate", "--model", str(checkpoints["llama"]), "--prompt", "hi", "--chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err

@@ -259,3 +259,26 @@ def test_tuning_an_llm_with_a_small_kv_cache_uses_smaller_forwards(peaked_checkp
     tiny = LLM(peaked_checkpoints["llama"], dtype="float32", kv_cache_blocks=6, block_size=16)
     with pytest.raises(ValueError, match="kv_cache_blocks"):
         tune_exits(tiny, [corpora[0]], [2], **options)
+
+
+@pytest.mark.parametrize("separate_eval", [True, False])
+def test_max_tokens_is_what_training_gets_with_or_without_eval_corpus(checkpoints, corpora, separate_eval):
+    from helios.exits.tuning import TuneConfig, _split_windows
+
+    tokenizer = LLM(checkpoints["llama"], kv_cache_blocks=16).get_tokenizer()
+    config = TuneConfig(layers=[1], max_tokens=700, eval_tokens=300, seq_len=64)  # the file holds more than both
+    eval_corpus = [corpora[1]] if separate_eval else None
+    train, held = _split_windows(tokenizer, [corpora[0]], eval_corpus, config)
+    assert sum(len(w) for w in train) == 700
+    assert 280 <= sum(len(w) for w in held) <= 300
+    if not separate_eval:  # held back from the same file, never trained on
+        assert not {tuple(w) for w in held} & {tuple(w) for w in train}
+
+
+def test_take_tokens_cuts_exactly():
+    from helios.exits.corpus import take_tokens
+
+    taken, rest = take_tokens([[1] * 10, [2] * 10, [3] * 10], 15)
+    assert taken == [[1] * 10, [2] * 5] and rest == [[2] * 5, [3] * 10]
+    assert take_tokens([[1] * 10, [2] * 10], 10) == ([[1] * 10], [[2] * 10])
+    assert take_tokens([[1] * 4], 10) == ([[1] * 4], [])

@@ -96,6 +96,23 @@ def token_windows(tokenizer, paths: list[str | Path], max_tokens: int, seq_len: 
     return windows
 
 
+def take_tokens(windows: list[list[int]], budget: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(the leading windows holding exactly `budget` tokens, the rest); the window that crosses the budget is split
+    between the two. Fewer tokens only when the windows run out."""
+    if budget <= 0:
+        return [], windows
+    taken: list[list[int]] = []
+    size = 0
+    for i, window in enumerate(windows):
+        if size + len(window) >= budget:
+            cut = budget - size
+            taken.append(window[:cut])
+            return taken, ([window[cut:]] if cut < len(window) else []) + windows[i + 1:]
+        taken.append(window)
+        size += len(window)
+    return taken, []
+
+
 def batches(windows: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
     """Consecutive groups of windows holding about `batch_tokens` tokens each (at least one window)."""
     group: list[list[int]] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from helios.exits.corpus import MIN_WINDOW, batches, token_windows
+from helios.exits.corpus import MIN_WINDOW, batches, take_tokens, token_windows
 from helios.exits.distill import distill, teacher_targets
 from helios.exits.heads import ExitAdapter, ExitHeads, model_fingerprint
 
@@ -122,20 +122,18 @@ def _trainable_heads(model, config: TuneConfig) -> ExitHeads:
 
 
 def _split_windows(tokenizer, corpus, eval_corpus, config: TuneConfig):
-    """Training windows and held-out windows; without eval_corpus, every 10th window of the training files is
-    held back (up to eval_tokens) and never trained on."""
+    """Training windows (max_tokens tokens, whether or not there is an eval corpus) and held-out windows. Without
+    eval_corpus, eval_tokens more are read from the training files and the first of the shuffled windows are held
+    back (never trained on)."""
+    slack = MIN_WINDOW * len(corpus)  # token_windows drops each file's last piece when it is shorter than that
     if eval_corpus:
-        train = token_windows(tokenizer, corpus, config.max_tokens, config.seq_len, config.seed)
+        train = token_windows(tokenizer, corpus, config.max_tokens + slack, config.seq_len, config.seed)
         held = token_windows(tokenizer, eval_corpus, config.eval_tokens, config.seq_len, config.seed + 1)
-        return train, held
-    windows = token_windows(tokenizer, corpus, config.max_tokens + config.eval_tokens, config.seq_len, config.seed)
-    held, train, held_tokens = [], [], 0
-    for i, w in enumerate(windows):
-        if i % 10 == 9 and held_tokens < config.eval_tokens:
-            held.append(w)
-            held_tokens += len(w)
-        else:
-            train.append(w)
+    else:
+        windows = token_windows(tokenizer, corpus, config.max_tokens + config.eval_tokens + slack, config.seq_len,
+                                config.seed)
+        held, train = take_tokens(windows, config.eval_tokens)
+    train, _ = take_tokens(train, config.max_tokens)
     return train, held
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: prompts from ../shared data, machine description, result files."""
+"""Helpers shared by the benchmarks: prompts from the data folder $HELIOS_SHARED (default: ../shared beside the
+repository; see the README's "Data and models"), machine description, result files."""
 
 from __future__ import annotations
 

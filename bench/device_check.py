@@ -256,7 +256,9 @@ def short_table(results: dict) -> str:
 
 
 def default_stories260k() -> Path | None:
-    for candidate in (os.environ.get("HELIOS_STORIES260K"), ROOT.parent / "shared" / "models" / "stories260k",
+    from common import SHARED
+
+    for candidate in (os.environ.get("HELIOS_STORIES260K"), SHARED / "models" / "stories260k",
                       ROOT / ".device" / "stories260k"):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--stories260k", type=Path, default=None,
                         help="stories260k checkpoint for the tests and as the tokenizer of the shaped models "
-                             "(default: $HELIOS_STORIES260K, ../shared/models/stories260k, .device/stories260k)")
+                             "(default: $HELIOS_STORIES260K, $HELIOS_SHARED/models/stories260k, .device/stories260k)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: stories260k's)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no section after this many seconds")
     parser.add_argument("--test-timeout-s", type=float, default=240.0)

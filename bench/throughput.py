@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# torch is loaded (through `common`) before helios, so both engines run with OpenMP's own wait policy, not helios'
+# passive default: the comparison is the same for both sides (bench/threads.py measures the policies).
 from common import greedy_agreement, gsm8k_questions, machine, save  # noqa: E402
 
 from helios import LLM, SamplingParams  # noqa: E402

@@ -1,8 +1,16 @@
 """helios-serve: a serving runtime for early-exit LLMs (after HELIOS, arXiv 2504.10724)."""
 
 import os
+import sys
 
-import torch
+# OpenMP threads that wait for work sleep instead of spinning: on cores shared with other processes, spinning
+# threads take the time the working ones need (decoding ran up to 6x slower under a competing load, see the README's
+# "CPU threads"); on an idle machine sleeping costs about 10-20%. OpenMP reads this once, when torch loads it, so
+# it takes effect only if helios is imported before torch; OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Without a GPU, Triton kernels can only be interpreted, and triton's own library must be decorated in that mode:

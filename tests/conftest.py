@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# helios first, before torch: it sets OpenMP's passive wait policy (threads sleep rather than spin, which keeps the
+# suite fast on a loaded machine) and, without a GPU, TRITON_INTERPRET=1 before transformers can load triton.
+import helios  # noqa: F401
+
+# isort: split
 import pytest
 import torch
-
-import helios  # noqa: E402, F401  first: without a GPU it sets TRITON_INTERPRET=1 before transformers can load triton
 
 # With a GPU the Triton kernels are compiled, and the interpreter-only tests skip themselves.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,9 +37,10 @@ def _auto_device_is_cpu():
 
 
 def stories260k_path() -> Path | None:
-    """The stories260k checkpoint (a tiny real Llama): HELIOS_STORIES260K, else ../shared/models beside the repo."""
-    root = Path(__file__).resolve().parent.parent
-    for candidate in (os.environ.get("HELIOS_STORIES260K"), root.parent / "shared" / "models" / "stories260k"):
+    """The stories260k checkpoint (a tiny real Llama): HELIOS_STORIES260K, else $HELIOS_SHARED/models/stories260k
+    (HELIOS_SHARED defaults to a folder named shared beside the repository), else None."""
+    shared = Path(os.environ.get("HELIOS_SHARED") or Path(__file__).resolve().parent.parent.parent / "shared")
+    for candidate in (os.environ.get("HELIOS_STORIES260K"), shared / "models" / "stories260k"):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
     return None

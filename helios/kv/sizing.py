@@ -36,7 +36,7 @@ def kv_pool_blocks(*, device: torch.device, weight_bytes: int, activation_bytes:
         reason = f"gpu_memory_utilization={share} x {format_bytes(total)} of GPU memory"
     else:
         kv = CPU_DEFAULT_KV_BYTES
-        reason = f"CPU default: {format_bytes(kv)} of KV"
+        reason = f"CPU default: {format_bytes(kv)} of KV (set memory_budget or kv_cache_blocks to change it)"
         quarter = available_host_memory() // 4
         if quarter < kv:
             kv = quarter
@@ -46,5 +46,7 @@ def kv_pool_blocks(*, device: torch.device, weight_bytes: int, activation_bytes:
         raise ValueError(f"{reason} does not cover the weights of {loaded_layers} layers "
                          f"({format_bytes(weight_bytes)}) plus activations ({format_bytes(activation_bytes)})")
     blocks = blocks_for_budget(budget, weight_bytes, activation_bytes, bytes_per_token, block_size)
-    return blocks, (f"{reason} - weights {format_bytes(weight_bytes)} - activations {format_bytes(activation_bytes)}"
-                    f" = {blocks} blocks of {block_size} tokens x {bytes_per_token} bytes per token")
+    if memory_budget is not None or device.type == "cuda":
+        reason += (f", minus weights {format_bytes(weight_bytes)} and activations {format_bytes(activation_bytes)},"
+                   f" leaves {format_bytes(budget - used)} for KV")
+    return blocks, f"{reason}: {blocks} blocks of {block_size} tokens x {bytes_per_token} bytes per token"

@@ -93,6 +93,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _head_description(stats: dict) -> str:
+    tied, head = stats["lm_head_tied"], stats["lm_head_bytes"]
+    copy = stats["weight_bytes"] - stats["layer_bytes"] - stats["embedding_bytes"] - (0 if tied else head)
+    notes = (["tied to the embedding"] if tied else []) + (
+        [f"+ {format_bytes(copy)} packed copy for fast matmuls"] if copy > 0 else [])
+    return format_bytes(head) + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def cmd_info(args) -> int:
     from helios import LLM
 
@@ -107,6 +115,9 @@ def cmd_info(args) -> int:
         ("layers", f"{stats['loaded_layers']} loaded of {stats['total_layers']}"),
         ("parameters (loaded)", f"{params / 1e6:.1f} M"), ("dtype / device", f"{stats['dtype']} / {stats['device']}"),
         ("weights", format_bytes(stats["weight_bytes"])),
+        ("  decoder layers", format_bytes(stats["layer_bytes"])),
+        ("  embedding", format_bytes(stats["embedding_bytes"])),
+        ("  LM head", _head_description(stats)),
         ("KV bytes per token", f"{stats['kv_bytes_per_token']:,}"),
         ("KV pool", f"{format_bytes(stats['kv_cache_bytes'])} = {stats['kv_blocks_total']:,} blocks "
                     f"x {stats['block_size']} tokens"),

@@ -8,6 +8,8 @@ import torch
 from helios._ext import load_extension
 from helios.ops.attention import (
     AttentionMetadata,
+    DenseSeq,
+    PagedAttentionOps,
     dense_attention,
     paged_attention_native,
     store_kv_native,
@@ -127,6 +129,36 @@ def test_dense_attention_matches_reference(device, context, new, heads, kv_heads
     assert got.shape == query.shape and got.dtype == dtype
     tol = tolerance(dtype, device)
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("context, new", [(40, 40), (40, 9), (7, 7)])
+@pytest.mark.parametrize("window", [5, 16])
+def test_dense_prefill_honours_a_sliding_window(device, context, new, window):
+    """PagedAttentionOps.attention for a dense (prefill) sequence of a sliding-window layer vs the float64
+    reference: no query attends beyond its window, fresh or after a cached prefix."""
+    g = torch.Generator().manual_seed(context + new + window)
+    heads, kv_heads, dim = 4, 1, 32  # Gemma-like: one KV head
+    query = torch.randn(new, heads, dim, generator=g).to(device)
+    key = torch.randn(context, kv_heads, dim, generator=g).to(device)
+    value = torch.randn(context, kv_heads, dim, generator=g).to(device)
+    cache = (key[:, None].clone(), value[:, None].clone())  # one-token blocks holding the context in order
+    dense = DenseSeq(0, new)
+    if new != context:
+        dense.context_slots = torch.arange(context, device=device)
+        q_pos = torch.arange(context - new, context, device=device)
+        dense.mask = torch.arange(context, device=device)[None, :] <= q_pos[:, None]
+    meta = AttentionMetadata(slot_mapping=torch.arange(context - new, context, device=device),
+                             block_tables=torch.arange(context, dtype=torch.int32, device=device)[None],
+                             seq_lens=torch.tensor([context], dtype=torch.int32, device=device),
+                             query_start_loc=torch.tensor([0, new], dtype=torch.int32, device=device),
+                             seq_lens_host=[context], query_start_loc_host=[0, new], num_paged_seqs=0, dense=[dense])
+    ops = PagedAttentionOps(device)
+    got = ops.attention(query, key[-new:], value[-new:], cache[0], cache[1], meta, dim**-0.5, window)
+    want = reference(query, cache[0], cache[1], meta, dim**-0.5, window)
+    torch.testing.assert_close(got.cpu().double(), want, atol=tolerance(torch.float32, device), rtol=1e-4)
+    if context > window:  # the window matters: without it the result differs
+        unwindowed = reference(query, cache[0], cache[1], meta, dim**-0.5, -1)
+        assert not torch.allclose(unwindowed, want, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -85,3 +85,16 @@ def test_ctrl_c_exits_cleanly(checkpoints, capsys, monkeypatch):
 def test_chat_flag_on_a_model_without_template_is_a_clear_error(checkpoints, capsys):
     assert main(["generate", "--model", str(checkpoints["llama"]), "--prompt", "hi", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_info_splits_weights_into_layers_embedding_and_head(checkpoints, capsys):
+    for kind, tied in (("llama", False), ("llama_tied", True)):
+        assert main(["info", "--model", str(checkpoints[kind]), "--kv-cache-blocks", "10", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        embed = 4 * 300 * 48
+        assert info["embedding_bytes"] == info["lm_head_bytes"] == embed and info["lm_head_tied"] is tied
+        from helios.ops.linear import onednn_linear_supported
+
+        packed = embed if onednn_linear_supported(__import__("torch").float32) else 0  # the head's packed copy
+        assert info["weight_bytes"] == info["layer_bytes"] + embed + (0 if tied else embed) + packed
+        assert 0 < info["layer_bytes"] < info["weight_bytes"]

@@ -174,3 +174,24 @@ def test_readme_exit_head_example_runs(capsys):
     tokens, probs = (json.loads(f"[{part}]") for part in re.findall(r"\[([^\]]*)\]", capsys.readouterr().out))
     assert len(tokens) == len(probs) == 4
     assert all(0 <= t < 49152 for t in tokens) and all(0 < p <= 1 for p in probs)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_gemma_norm_matches_float64_reference(device, backend):
+    """Gemma's RMSNorm: the (1 + w) weight applied in float32 (Norm kind 'rms_fp32'), natively and fused."""
+    from helios.kernels.exit_head import kernel_mode
+
+    from helios.ops.exit_head import exit_head_native
+    from helios.ops.norm import Norm
+
+    if backend == "triton" and (device.type == "cpu") != (kernel_mode() == "interpreted"):
+        pytest.skip("the Triton kernel runs compiled on a GPU and interpreted on CPU-only machines, one per process")
+    hidden, lm_head, w, _ = on(device, *inputs(7, 64, 1003, "rms", seed=5))
+    weight = 1.0 + (w - 1.0) * 3  # Gemma stores w and multiplies by 1 + w: pass that sum, in float32
+    want = reference(hidden, lm_head, weight, None, "rms", 1e-6)
+    if backend == "native":
+        got = exit_head_native(hidden, lm_head, Norm("rms_fp32", weight, None, 1e-6))
+    else:
+        got = exit_head(hidden, lm_head, weight, norm=Norm("rms_fp32", weight, None, 1e-6).fused_kind, eps=1e-6,
+                        backend="triton")
+    check(got, want)

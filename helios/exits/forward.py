@@ -11,6 +11,7 @@ a token forced out there below the threshold is a confidence breach.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from helios.engine.sampler import TokenLogprobs, needs_logits, sample
 from helios.engine.scheduler import ScheduledSeq
 from helios.exits.config import ExitPolicy
 from helios.model.base import DecoderModel
-from helios.ops.attention import AttentionMetadata, DenseSeq
+from helios.ops.attention import AttentionMetadata
 
 
 @dataclass
@@ -61,7 +62,7 @@ def drop_paged_rows(meta: AttentionMetadata, keep: list[bool], device: torch.dev
         seq_lens_host=seq_lens,
         query_start_loc_host=qsl,
         num_paged_seqs=len(kept),
-        dense=[DenseSeq(d.start - removed, d.end - removed, d.context_slots, d.mask) for d in meta.dense],
+        dense=[dataclasses.replace(d, start=d.start - removed, end=d.end - removed) for d in meta.dense],
     )
 
 

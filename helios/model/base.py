@@ -91,7 +91,7 @@ class DecoderModel:
         hidden, norm = self._adapt(hidden, layer)
         if hidden.is_cuda:
             n = norm
-            kind = "none" if n is None else n.kind
+            kind = "none" if n is None else n.fused_kind
             return exit_head(hidden, self.lm_head, None if n is None else n.weight, None if n is None else n.bias,
                              norm=kind, eps=1e-5 if n is None else n.eps)
         return exit_head_native(hidden, self.head, norm)
@@ -108,8 +108,12 @@ class DecoderModel:
                                  f"{(self.vocab_size, self.embed_tokens.shape[1])}")
             reader.count(self.lm_head)
         self.head = PackedHead(self.lm_head)
-        extra = 0
-        if self.head.packed:  # a second, packed copy of the head lives beside the plain one
-            extra = self.lm_head.numel() * self.lm_head.element_size()
+        head_bytes = self.lm_head.numel() * self.lm_head.element_size()
+        extra = head_bytes if self.head.packed else 0  # a second, packed copy of the head lives beside the plain one
         self.weight_bytes = reader.bytes_loaded + extra
         self.num_parameters = reader.params_loaded
+        # where the bytes are: the embedding and the LM head (the tied head is the embedding) dominate small models
+        self.embedding_bytes = self.embed_tokens.numel() * self.embed_tokens.element_size()
+        self.lm_head_bytes = head_bytes
+        self.lm_head_tied = tied
+        self.layer_bytes = reader.bytes_loaded - self.embedding_bytes - (0 if tied else head_bytes)

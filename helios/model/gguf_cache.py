@@ -45,11 +45,19 @@ def _chat_template(gguf_path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None and field.data else None
 
 
+def is_converted(gguf_path: Path) -> bool:
+    """Whether this GGUF file (same path, size and time) already has its converted cache entry."""
+    if not Path(gguf_path).is_file():
+        return False
+    target = _cache_dir(Path(gguf_path))
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Returns an HF directory (config, tokenizer, model.safetensors) holding the dequantized GGUF model."""
     gguf_path = Path(gguf_path)
     target = _cache_dir(gguf_path)
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if is_converted(gguf_path):
         return target
     try:
         import gguf  # noqa: F401

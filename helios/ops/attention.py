@@ -19,6 +19,26 @@ class DenseSeq:
     end: int
     context_slots: torch.Tensor | None = None  # int64 [context]: cache slots of its whole context; None = fresh
     mask: torch.Tensor | None = None  # bool [new tokens, context]: causal mask offset by the cached prefix
+    _window_masks: dict | None = None  # sliding window -> mask, built once per step and shared by its layers
+
+    @property
+    def context(self) -> int:
+        return self.end - self.start if self.context_slots is None else self.context_slots.shape[0]
+
+    def attention_mask(self, window: int, device: torch.device) -> torch.Tensor | None:
+        """The mask of this sequence's queries over its context: None means plainly causal (is_causal); with a
+        sliding window, each query also sees only the `window` newest positions (itself included)."""
+        if window <= 0 or self.context <= window:
+            return self.mask
+        if self._window_masks is None:
+            self._window_masks = {}
+        if window not in self._window_masks:
+            context, new = self.context, self.end - self.start
+            keys = torch.arange(context, device=device)
+            queries = torch.arange(context - new, context, device=device)
+            band = (keys[None, :] <= queries[:, None]) & (keys[None, :] > queries[:, None] - window)
+            self._window_masks[window] = band
+        return self._window_masks[window]
 
 
 @dataclass
@@ -133,8 +153,9 @@ class PagedAttentionOps:
 
     def attention(self, query, key, value, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int = -1) -> torch.Tensor:
-        """Attention of this step's queries; key/value are this step's (already stored in the cache)."""
-        if meta.num_paged_seqs is None or sliding_window > 0 or not meta.dense:  # all paged: no copy into `out`
+        """Attention of this step's queries; key/value are this step's (already stored in the cache). A layer with
+        a sliding window attends within it on both paths (the paged kernel and dense prefill)."""
+        if meta.num_paged_seqs is None or not meta.dense:  # all paged: no copy into `out`
             return self.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
         out = torch.empty_like(query)
         paged_tokens = meta.num_paged_tokens
@@ -144,12 +165,13 @@ class PagedAttentionOps:
         kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
         for seq in meta.dense:
             q = query[seq.start:seq.end]
+            mask = seq.attention_mask(sliding_window, query.device)
             if seq.context_slots is None:
-                out[seq.start:seq.end] = dense_attention(q, key[seq.start:seq.end], value[seq.start:seq.end], scale)
+                k, v = key[seq.start:seq.end], value[seq.start:seq.end]
             else:
                 k = key_cache.view(-1, kv_heads, head_dim)[seq.context_slots]
                 v = value_cache.view(-1, kv_heads, head_dim)[seq.context_slots]
-                out[seq.start:seq.end] = dense_attention(q, k, v, scale, seq.mask)
+            out[seq.start:seq.end] = dense_attention(q, k, v, scale, mask)
         return out
 
     def paged_attention(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float,

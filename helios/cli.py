@@ -153,8 +153,8 @@ def cmd_tune_exits(args) -> int:
 
     options = dict(max_tokens=args.max_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                    batch_tokens=args.batch_tokens, epochs=args.epochs, lr=args.lr, ce_weight=args.ce_weight,
-                   sample_fraction=args.sample_fraction,
-                   train_norm=args.train_norm, seed=args.seed)
+                   sample_fraction=args.sample_fraction, train_norm=args.train_norm, seed=args.seed,
+                   distill=args.distill, top_k=args.top_k, tail_samples=args.tail_samples)
     heads = tune_exits(args.model, args.corpus, args.layers, args.out, eval_corpus=args.eval_corpus,
                        **{k: v for k, v in options.items() if v is not None})
     held = heads.info["held_out"]
@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight of top-1 cross-entropy next to KL (default 3; 0 = KL only)")
     tune.add_argument("--no-train-norm", dest="train_norm", action="store_false", default=None,
                       help="keep the final norm's weights at every exit (default: learn one per exit)")
+    tune.add_argument("--distill", choices=["auto", "full", "candidates"], default=None,
+                      help="KL over the whole vocabulary (full) or over each batch's teacher top-k tokens plus a "
+                           "sampled tail (candidates); auto (default): candidates above 100k tokens of vocabulary")
+    tune.add_argument("--top-k", type=int, default=None, help="candidates: teacher tokens per position (default 32)")
+    tune.add_argument("--tail-samples", type=int, default=None,
+                      help="candidates: uniform samples per step estimating the student's tail (default 2048)")
     tune.add_argument("--seed", type=int, default=0)
     tune.set_defaults(func=cmd_tune_exits)
 

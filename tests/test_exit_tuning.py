@@ -233,11 +233,12 @@ def test_cli_tunes_and_calibrates(peaked_checkpoints, corpora, tmp_path, capsys)
     model, out = str(peaked_checkpoints["opt"]), str(tmp_path / "opt_heads")
     assert main(["tune-exits", "--model", model, "--corpus", str(corpora[0]), "--layers", "2,3", "--out", out,
                  "--max-tokens", "1200", "--eval-tokens", "300", "--seq-len", "64", "--batch-tokens", "256",
-                 "--ce-weight", "0"]) == 0
+                 "--ce-weight", "0", "--distill", "candidates", "--top-k", "8", "--tail-samples", "64"]) == 0
     printed = capsys.readouterr().out
     assert "exit layer" in printed and "helios calibrate" in printed
     heads = ExitHeads.load(out)
     assert heads.layers == [2, 3] and heads.adapters[2].norm_weight is not None
+    assert heads.info["training"]["distill"] == "candidates" and heads.info["training"]["tail_samples"] == 64
     assert not heads.info["held_out"]["separate_files"]
     assert main(["calibrate", "--model", model, "--heads", out, "--corpus", str(corpora[1]),
                  "--target-precision", "0.9", "--max-tokens", "800", "--min-exits", "5"]) == 0
@@ -282,3 +283,53 @@ def test_take_tokens_cuts_exactly():
     assert taken == [[1] * 10, [2] * 5] and rest == [[2] * 5, [3] * 10]
     assert take_tokens([[1] * 10, [2] * 10], 10) == ([[1] * 10], [[2] * 10])
     assert take_tokens([[1] * 4], 10) == ([[1] * 4], [])
+
+
+# ---- candidate distillation (large vocabularies) ----------------------------------------------------------------
+
+def test_candidates_covering_the_vocabulary_equal_full_distillation():
+    """With every token a candidate (no tail), the candidate loss and its gradient are the full-vocabulary ones."""
+    from helios.exits.distill import distill, teacher_targets
+    from helios.exits.sampled_distill import candidates, student_loss, teacher_probs, topk_teacher
+
+    g = torch.Generator().manual_seed(0)
+    vocab, dim, rows = 97, 24, 13
+    head = torch.randn(vocab, dim, generator=g)
+    x_final, x = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    teacher = topk_teacher(lambda h: h @ head.T, x_final, vocab)
+    cand = candidates(teacher.top, head, 50, g)
+    assert cand.weights.shape[0] == vocab and cand.sample_weights.shape[0] == 0
+    p, p_tail = teacher_probs(x_final, teacher.lse, cand)
+    student = x.clone().requires_grad_(True)
+    loss, stats = student_loss(student, p, p_tail, cand, ce_weight=2.0)
+    loss.backward()
+    full = distill(x, head, teacher_targets(x_final, head), ce_weight=2.0)
+    assert stats["kl"] == pytest.approx(full.kl, rel=1e-4) and stats["ce"] == pytest.approx(full.ce, rel=1e-4)
+    assert stats["agree"] == full.agree
+    torch.testing.assert_close(student.grad, full.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_sampled_tail_estimates_the_students_tail_mass():
+    from helios.exits.sampled_distill import candidates
+
+    g = torch.Generator().manual_seed(1)
+    vocab, dim = 5000, 16
+    head = torch.randn(vocab, dim, generator=g) * 0.25  # logits of std ~1: the tail has no dominant token
+    x = torch.randn(1, dim, generator=g)
+    top = torch.arange(40)[None]  # C = tokens 0..39
+    true_tail = torch.logsumexp((x @ head.T)[0, 40:], 0)
+    estimates = []
+    for _ in range(30):
+        cand = candidates(top, head, 1000, g)
+        estimates.append(torch.logsumexp((x @ cand.sample_weights.T)[0], 0) + cand.log_tail_scale)
+    assert torch.stack(estimates).exp().mean().log() == pytest.approx(true_tail.item(), abs=0.05)
+
+
+def test_candidate_tuning_lowers_held_out_kl(peaked_checkpoints, corpora):
+    heads = tune_exits(peaked_checkpoints["llama"], [corpora[0]], [1, 2], eval_corpus=[corpora[1]],
+                       max_tokens=3000, eval_tokens=800, seq_len=64, batch_tokens=256, lr=1e-2, progress=False,
+                       distill="candidates", top_k=8, tail_samples=64)
+    per_exit = heads.info["held_out"]["per_exit"]
+    for layer in ("1", "2"):
+        assert per_exit[layer]["kl_after"] < 0.8 * per_exit[layer]["kl_before"]
+    assert heads.info["training"]["distill"] == "candidates" and heads.info["training"]["top_k"] == 8

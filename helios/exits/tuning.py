@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from helios.exits.corpus import MIN_WINDOW, batches, take_tokens, token_windows
 from helios.exits.distill import distill, teacher_targets
 from helios.exits.heads import ExitAdapter, ExitHeads, model_fingerprint
+from helios.exits.sampled_distill import TopKTeacher, candidates, student_loss, teacher_probs, topk_teacher
 
 FORWARD_TOKENS = 2048  # tokens per frozen forward: large enough for efficient GEMMs, one group of KV blocks
+CANDIDATE_VOCAB = 100_000  # distill="auto" trains on candidate tokens above this vocabulary size
 SCORE_ROWS = 2048  # held-out positions scored at a time
 
 
@@ -44,6 +46,11 @@ class TuneConfig:
     sample_fraction: float = 0.7
     train_norm: bool = True  # also learn an exit-specific norm weight (starts as the final norm's)
     seed: int = 0
+    # "full": KL over the whole vocabulary each step; "candidates": over the batch's teacher top-K tokens plus a
+    # sampled tail (helios.exits.sampled_distill), for large vocabularies; "auto": candidates above 100k tokens
+    distill: str = "auto"
+    top_k: int = 32
+    tail_samples: int = 2048
 
     def __post_init__(self) -> None:
         if not self.layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
@@ -59,6 +66,15 @@ class TuneConfig:
             raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
         if self.ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
+        if self.distill not in ("auto", "full", "candidates"):
+            raise ValueError(f"distill must be 'auto', 'full' or 'candidates', got {self.distill!r}")
+        for name in ("top_k", "tail_samples"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(
+                    self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+    def uses_candidates(self, vocab_size: int) -> bool:
+        return self.distill == "candidates" or (self.distill == "auto" and vocab_size > CANDIDATE_VOCAB)
 
 
 def _check_layers(layers: list[int], total: int) -> None:
@@ -140,10 +156,12 @@ def _split_windows(tokenizer, corpus, eval_corpus, config: TuneConfig):
 @dataclass
 class SampledStates:
     """What the frozen model gives training for a set of positions: each exit's hidden state and the final
-    layer's head input (the teacher's). Computed once; rows are positions."""
+    layer's head input (the teacher's), and for candidate distillation the teacher's top-K and log-normalizer.
+    Computed once; rows are positions."""
 
     exits: dict[int, torch.Tensor]  # exit layer -> [n, d]
     final: torch.Tensor  # [n, d]
+    teacher: TopKTeacher | None = None
 
     def __len__(self) -> int:
         return self.final.shape[0]
@@ -156,22 +174,28 @@ def _sample_rows(n: int, fraction: float, generator: torch.Generator) -> torch.T
 
 
 def sample_states(engine, windows: list[list[int]], layers: list[int], fraction: float, generator: torch.Generator,
-                  desc: str, progress: bool) -> SampledStates:
-    """Runs the frozen model over `windows` and keeps a random `fraction` of the positions."""
+                  desc: str, progress: bool, teacher_top_k: int | None = None) -> SampledStates:
+    """Runs the frozen model over `windows` and keeps a random `fraction` of the positions (with teacher_top_k,
+    also the teacher's top-K tokens and log-normalizer of each kept position)."""
     m = engine.model
     final = m.total_layers
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    finals = []
+    finals, teachers = [], []
     with tqdm(total=sum(len(w) for w in windows), unit="tok", desc=desc, disable=not progress) as bar:
         for group in forward_groups(engine, windows, FORWARD_TOKENS):
             states = engine.hidden_states(group, layers + [final])
             rows = _sample_rows(states[final].shape[0], fraction, generator).to(states[final].device)
             # indexing copies out of the inference-mode hidden states into tensors autograd may use
             finals.append(m.head_input(states[final][rows]))
+            if teacher_top_k is not None:
+                teachers.append(topk_teacher(m.head.logits, finals[-1], teacher_top_k))
             for layer in layers:
                 kept[layer].append(states[layer][rows])
             bar.update(sum(len(w) for w in group))
-    return SampledStates({layer: torch.cat(v) for layer, v in kept.items()}, torch.cat(finals))
+    teacher = None
+    if teachers:
+        teacher = TopKTeacher(torch.cat([t.top for t in teachers]), torch.cat([t.lse for t in teachers]))
+    return SampledStates({layer: torch.cat(v) for layer, v in kept.items()}, torch.cat(finals), teacher)
 
 
 @torch.no_grad()
@@ -220,8 +244,9 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
 
     generator = torch.Generator().manual_seed(config.seed)
     held_states = sample_states(engine, held, config.layers, 1.0, generator, "held-out states", progress)
+    candidate_mode = config.uses_candidates(m.vocab_size)
     train_states = sample_states(engine, train, config.layers, config.sample_fraction, generator,
-                                 "hidden states", progress)
+                                 "hidden states", progress, config.top_k if candidate_mode else None)
     heads = _trainable_heads(m, config)
     previous, m.exit_heads = m.exit_heads, heads
     try:
@@ -239,6 +264,8 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
                      "seq_len": config.seq_len, "batch_tokens": config.batch_tokens, "lr": config.lr,
                      "ce_weight": config.ce_weight, "sample_fraction": config.sample_fraction,
                      "sampled_positions": len(train_states),
+                     "distill": "candidates" if candidate_mode else "full",
+                     **({"top_k": config.top_k, "tail_samples": config.tail_samples} if candidate_mode else {}),
                      "train_norm": config.train_norm, "seed": config.seed,
                      "final_loss": {str(k): v for k, v in losses.items()},
                      "seconds": round(time.perf_counter() - started, 1)},
@@ -271,16 +298,37 @@ def _train(model, heads: ExitHeads, states: SampledStates, config: TuneConfig, g
             order = torch.randperm(n, generator=generator).to(states.final.device)
             for start in range(0, n, config.batch_tokens):
                 rows = order[start:start + config.batch_tokens]
-                teacher = teacher_targets(states.final[rows], head)
                 optimizer.zero_grad(set_to_none=True)
-                for layer in config.layers:
-                    x = model.exit_head_input(states.exits[layer][rows], layer)
-                    result = distill(x.detach(), head, teacher, config.ce_weight)
-                    x.backward(result.grad)
-                    history[layer].append((result.kl + config.ce_weight * result.ce) / len(rows))
+                if states.teacher is None:
+                    _full_vocab_step(model, head, states, rows, config, history)
+                else:
+                    _candidate_step(model, head, states, rows, config, generator, history)
                 optimizer.step()
                 scheduler.step()
                 bar.update(len(rows))
                 bar.set_postfix({f"loss@{layer}": f"{history[layer][-1]:.3f}" for layer in config.layers})
     tail = max(1, total_steps // 10)
     return {layer: round(sum(v[-tail:]) / len(v[-tail:]), 4) for layer, v in history.items()}
+
+
+def _full_vocab_step(model, head: torch.Tensor, states: SampledStates, rows: torch.Tensor, config: TuneConfig,
+                     history: dict[int, list[float]]) -> None:
+    """Gradients of KL + CE over the whole vocabulary, the LM head's part by hand (helios.exits.distill)."""
+    teacher = teacher_targets(states.final[rows], head)
+    for layer in config.layers:
+        x = model.exit_head_input(states.exits[layer][rows], layer)
+        result = distill(x.detach(), head, teacher, config.ce_weight)
+        x.backward(result.grad)
+        history[layer].append((result.kl + config.ce_weight * result.ce) / len(rows))
+
+
+def _candidate_step(model, head: torch.Tensor, states: SampledStates, rows: torch.Tensor, config: TuneConfig,
+                    generator: torch.Generator, history: dict[int, list[float]]) -> None:
+    """Gradients of KL + CE over the batch's candidate tokens and a sampled tail (helios.exits.sampled_distill)."""
+    cand = candidates(states.teacher.top[rows], head, config.tail_samples, generator)
+    p, p_tail = teacher_probs(states.final[rows], states.teacher.lse[rows], cand)
+    for layer in config.layers:
+        loss, stats = student_loss(model.exit_head_input(states.exits[layer][rows], layer), p, p_tail, cand,
+                                   config.ce_weight)
+        loss.backward()
+        history[layer].append((stats["kl"] + config.ce_weight * stats["ce"]) / len(rows))

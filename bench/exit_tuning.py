@@ -1,16 +1,17 @@
-"""Exit tuning on smollm2-135m, measured on held-out text: agreement before/after, calibration, served quality.
+"""Exit tuning measured on held-out text: agreement before/after, calibration, served quality.
 
-1. Tune exits 10/20/24 on tinyshakespeare + gsm8k train (~200k tokens), timed (skipped with --heads DIR when
-   DIR already holds heads).
+1. Tune exits (smollm2-135m: 10/20/24 of 30; gemma3-270m: 6/12/15 of 18; or --layers) on tinyshakespeare +
+   gsm8k train (~200k tokens), timed (skipped with --heads DIR when DIR already holds heads).
 2. Held-out text never trained on, split in two: the xsum sample and gsm8k test (questions + answers), first
-   half of each = calibration split, second half = test split. Per exit: top-1 agreement with layer 30 on the
-   test split before tuning (logit lens) and after.
+   half of each = calibration split, second half = test split. Per exit: top-1 agreement with the last layer on
+   the test split before tuning (logit lens) and after.
 3. Per target precision: thresholds chosen on the calibration split, then exit rate + precision of those
    thresholds on the calibration split and on the unseen test split.
 4. Served text: gsm8k test questions (chat template) generated greedily with the calibrated tuned exits vs
    plain decoding (timed alternately): throughput, exit rate, teacher-forced agreement and perplexity under
-   the full model.
-Usage: python bench/exit_tuning.py [--heads DIR] [--max-tokens 200000] [--targets 0.9,0.95,0.98]
+   the full model. A model without a chat template gets "Question: ...\nAnswer:" prompts instead.
+Usage: python bench/exit_tuning.py [--model smollm2-135m] [--layers 10,20,24] [--heads DIR] [--max-tokens 200000]
+       [--targets 0.9,0.95,0.98]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from helios.exits.corpus import token_windows  # noqa: E402
 from helios.exits.heads import ExitAdapter, ExitHeads  # noqa: E402
 from helios.exits.tuning import tune_exits  # noqa: E402
 
-LAYERS = [10, 20, 24]
+DEFAULT_LAYERS = {"smollm2-135m": [10, 20, 24], "gemma3-270m": [6, 12, 15]}  # about 1/3, 2/3 and 4/5 deep
 DATA = SHARED / "data"
 TRAIN = [DATA / "tinyshakespeare" / "input.txt", DATA / "gsm8k" / "train.jsonl"]
 HELD_OUT = [DATA / "xsum-sample" / "sample.jsonl", DATA / "gsm8k" / "test.jsonl"]
@@ -59,6 +60,7 @@ def agreement(stats) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", default=None, help="exit layers, e.g. 10,20,24 (default: per model)")
     parser.add_argument("--heads", default=None, help="reuse (or write) tuned heads here")
     parser.add_argument("--max-tokens", type=int, default=200_000)
     parser.add_argument("--eval-tokens", type=int, default=20_000, help="tokens per held-out split")
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--tune-options", default="{}", help="JSON of extra TuneConfig fields")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else DEFAULT_LAYERS[args.model]
     work = Path(tempfile.mkdtemp(prefix="helios-exit-bench-"))
     heads_dir = Path(args.heads) if args.heads else work / "heads"
     calibration_files, test_files = split_held_out(work)
@@ -76,7 +79,7 @@ def main() -> None:
     tuning = None
     if not (heads_dir / "manifest.json").is_file():
         start = time.perf_counter()
-        heads = tune_exits(args.model, TRAIN, LAYERS, heads_dir, eval_corpus=HELD_OUT, max_tokens=args.max_tokens,
+        heads = tune_exits(args.model, TRAIN, layers, heads_dir, eval_corpus=HELD_OUT, max_tokens=args.max_tokens,
                            **json.loads(args.tune_options))
         tuning = {"wall_seconds": round(time.perf_counter() - start, 1), **heads.info}
         print(f"tuned in {tuning['wall_seconds']:.0f} s: {json.dumps(heads.info['held_out']['per_exit'])}",
@@ -88,17 +91,17 @@ def main() -> None:
     tok = engine.tokenizer
     cal_windows = token_windows(tok, calibration_files, args.eval_tokens, 256, seed=1)
     test_windows = token_windows(tok, test_files, args.eval_tokens, 256, seed=2)
-    identity = ExitHeads(heads.fingerprint, {k: ExitAdapter.identity(model.hidden_size) for k in LAYERS})
+    identity = ExitHeads(heads.fingerprint, {k: ExitAdapter.identity(model.hidden_size) for k in layers})
     model.exit_heads = identity
-    before = collect_exit_stats(engine, test_windows, LAYERS, progress=True)
+    before = collect_exit_stats(engine, test_windows, layers, progress=True)
     model.exit_heads = heads
-    cal_stats = collect_exit_stats(engine, cal_windows, LAYERS, progress=True)
-    test_stats = collect_exit_stats(engine, test_windows, LAYERS, progress=True)
+    cal_stats = collect_exit_stats(engine, cal_windows, layers, progress=True)
+    test_stats = collect_exit_stats(engine, test_windows, layers, progress=True)
     model.exit_heads = None
     lens, tuned = agreement(before), agreement(test_stats)
-    print("\nheld-out test split: top-1 agreement with layer 30")
+    print(f"\nheld-out test split: top-1 agreement with layer {model.total_layers}")
     print("| exit layer | logit lens | tuned |\n|---:|---:|---:|")
-    for layer in LAYERS:
+    for layer in layers:
         print(f"| {layer} | {lens[layer]} | {tuned[layer]} |")
 
     calibration = []
@@ -109,7 +112,7 @@ def main() -> None:
         on_cal, on_test = exit_report(cal_stats, thresholds), exit_report(test_stats, thresholds)
         calibration.append({"target": target, "thresholds": thresholds, "calibration_split": on_cal,
                             "test_split": on_test})
-        for layer in LAYERS:
+        for layer in layers:
             c, t = on_cal["per_exit"][layer], on_test["per_exit"][layer]
             print(f"| {target} | {layer} | {c['threshold']} | {c['exit_rate']} | {c['precision']} | "
                   f"{t['exit_rate']} | {t['precision']} |")
@@ -120,8 +123,12 @@ def main() -> None:
     common = dict(max_model_len=1024, max_num_seqs=args.prompts)
     plain = LLM(args.model, **common)
     questions = [json.loads(line)["question"] for line in test_files[1].read_text().splitlines()[:args.prompts]]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in questions]  # gsm8k test questions of the test split (never used for calibration)
+    # gsm8k test questions of the test split (never used for calibration)
+    if getattr(tok, "chat_template", None):
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in questions]
+    else:
+        prompts = [f"Question: {q}\nAnswer:" for q in questions]
     params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
     plain_outs, _ = timed_generate(plain, prompts, params)
     plain_ids = [o.outputs[0].token_ids for o in plain_outs]
@@ -141,7 +148,7 @@ def main() -> None:
         print(f"| {r['config']} | {r['tok_s']} | {r['vs_plain']:.2f}x | {r['early_exit_rate']} | "
               f"{r['teacher_forced_agreement']} | {r['perplexity']} |")
     path = save("exit_tuning", {
-        "benchmark": "exit_tuning", "model": args.model, "machine": machine(), "layers": LAYERS,
+        "benchmark": "exit_tuning", "model": args.model, "machine": machine(), "layers": layers,
         "train_files": [p.name for p in TRAIN], "held_out_files": [p.name for p in HELD_OUT], "tuning": tuning,
         "heads_manifest": json.loads((heads_dir / "manifest.json").read_text()),
         "agreement_test_split": {"logit_lens": lens, "tuned": tuned, "tokens": test_stats.num_tokens},

@@ -1,7 +1,8 @@
 """helios vs transformers `generate`: greedy decoding throughput on real prompts (gsm8k questions).
 
-Both sides get the same chat-formatted prompts, the same dtype and exactly --max-tokens new tokens
-(EOS ignored), and are timed alternately in one run, so the ratio is robust to machine noise.
+Both sides get the same chat-formatted prompts ("Question: ...\nAnswer:" for a model without a chat
+template), the same dtype and exactly --max-tokens new tokens (EOS ignored), and are timed alternately in one
+run, so the ratio is robust to machine noise.
 helios runs as it serves by default (prefix caching on, cleared before every timed run, so only the
 chat template's shared system prompt inside one batch is reused); --no-prefix-caching turns it off.
 Usage: python bench/throughput.py [--model smollm2-135m] [--batch-sizes 1 8 16 32] [--max-tokens 48]
@@ -64,8 +65,11 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(llm.stats()["model_path"], dtype=dtype).eval()
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
     questions = gsm8k_questions(max(args.batch_sizes))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True) for q in questions]
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                 add_generation_prompt=True) for q in questions]
+    else:  # a pretrained model without a chat template (gemma3-270m)
+        prompts = [f"Question: {q}\nAnswer:" for q in questions]
     helios_run(llm, prompts[:2], 4)  # warm-up both sides
     hf_run(hf, tokenizer, prompts[:2], 4)
 

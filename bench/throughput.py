@@ -26,20 +26,24 @@ from common import greedy_agreement, gsm8k_questions, machine, save  # noqa: E40
 from helios import LLM, SamplingParams  # noqa: E402
 
 
-def hf_run(model, tokenizer, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+def hf_run(model, pad_id: int, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    """transformers generate on the same token ids, left-padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False)
     elapsed = time.perf_counter() - start
-    return elapsed, out[:, inputs.input_ids.shape[1]:].tolist()
+    return elapsed, out[:, width:].tolist()
 
 
-def helios_run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
+def helios_run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     llm.reset_prefix_cache()  # only sharing inside this batch counts, never blocks left by an earlier run
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     return elapsed, [o.outputs[0].token_ids for o in outputs]
 
@@ -59,26 +63,26 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), max_model_len=1024,
               enable_prefix_caching=not args.no_prefix_caching)
     tokenizer = llm.get_tokenizer()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hf = AutoModelForCausalLM.from_pretrained(llm.stats()["model_path"], dtype=dtype).eval()
-    hf.generation_config.pad_token_id = tokenizer.pad_token_id
+    hf.generation_config.pad_token_id = pad_id
     questions = gsm8k_questions(max(args.batch_sizes))
-    if getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in questions]
-    else:  # a pretrained model without a chat template (gemma3-270m)
-        prompts = [f"Question: {q}\nAnswer:" for q in questions]
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:  # the template supplies any BOS text itself
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                               add_generation_prompt=True) for q in questions]
+    else:  # a pretrained model without a chat template (gemma3-270m): a plain prompt, with the tokenizer's BOS
+        texts = [f"Question: {q}\nAnswer:" for q in questions]
+    prompts = [tokenizer.encode(t, add_special_tokens=not chat) for t in texts]  # the same ids for both sides
     helios_run(llm, prompts[:2], 4)  # warm-up both sides
-    hf_run(hf, tokenizer, prompts[:2], 4)
+    hf_run(hf, pad_id, prompts[:2], 4)
 
     rows = []
     for batch in args.batch_sizes:
         batch_prompts = prompts[:batch]
         times = {"transformers": [], "helios": []}
         for _ in range(args.rounds):  # alternate the two so drift hits both equally
-            t, hf_ids = hf_run(hf, tokenizer, batch_prompts, args.max_tokens)
+            t, hf_ids = hf_run(hf, pad_id, batch_prompts, args.max_tokens)
             times["transformers"].append(t)
             prompt_tokens_before = llm.engine.scheduler.num_prompt_tokens
             cached_before = llm.engine.scheduler.num_cached_tokens
@@ -99,7 +103,8 @@ def main() -> None:
               f"{r['helios_tok_s']:>7.1f} tok/s | x{r['speedup']:.2f} | agreement {r['greedy_agreement']:.3f}",
               flush=True)
 
-    print(f"\n{args.model}, {args.dtype}, greedy, {args.max_tokens} new tokens, gsm8k test questions (chat template), "
+    print(f"\n{args.model}, {args.dtype}, greedy, {args.max_tokens} new tokens, gsm8k test questions "
+          f"({'chat template' if chat else 'Question/Answer prompts'}), "
           f"prefix caching {'off' if args.no_prefix_caching else 'on'}")
     print("| batch | transformers tok/s | helios tok/s | speedup | greedy agreement | prefix hit rate |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -107,6 +112,7 @@ def main() -> None:
         print(f"| {r['batch']} | {r['transformers_tok_s']} | {r['helios_tok_s']} | {r['speedup']}x | "
               f"{r['greedy_agreement']} | {r['prefix_cache_hit_rate']} |")
     path = save("throughput", {"benchmark": "throughput", "model": args.model, "dtype": args.dtype,
+                               "prompts": "chat template" if chat else "Question/Answer",
                                "prefix_caching": not args.no_prefix_caching,
                                "machine": machine(), "stats": llm.stats(), "rows": rows})
     print(f"saved {path}")

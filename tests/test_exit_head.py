@@ -132,6 +132,28 @@ def test_triton_kernel_compiles_for_hopper():
     assert compiled[("bf16", 16)][2]  # mma.sync below 64 rows
 
 
+@pytest.mark.parametrize("chunk", [64, 300, 4096])
+def test_greedy_head_matches_float64_argmax_and_max_prob(device, chunk):
+    """Plain greedy decoding's head (token + its probability, chunk by chunk) vs float64, with a tie across chunks."""
+    from helios.ops.exit_head import PackedHead, greedy_head_native
+
+    hidden, lm_head, _, _ = on(device, *inputs(9, 40, 1000, "none", seed=4))
+    lm_head[700] = lm_head[int(reference(hidden[:1], lm_head, None, None, "none", 0)[0])]  # a tie, later index
+    token, p1 = greedy_head_native(hidden, PackedHead(lm_head, chunk=chunk), None)
+    logits = hidden.cpu().double() @ lm_head.cpu().double().T
+    assert torch.equal(token.cpu(), logits.argmax(-1))  # argmax: the lowest index of a tie (topk's order is not)
+    torch.testing.assert_close(p1.cpu().double(), logits.softmax(-1).max(-1).values, atol=2e-5, rtol=1e-4)
+
+
+def test_native_ties_inside_a_chunk_keep_the_lowest_index():
+    from helios.ops.exit_head import PackedHead, exit_head_native
+
+    lm_head = torch.zeros(300, 4)
+    lm_head[[7, 150, 299]] = torch.tensor([1.0, 0, 0, 0])  # three tied best rows in one chunk
+    token, p1, p2, _ = exit_head_native(torch.tensor([[2.0, 0, 0, 0]] * 3), PackedHead(lm_head), None)
+    assert token.tolist() == [7, 7, 7] and torch.equal(p1, p2)
+
+
 def test_native_chunks_smaller_than_vocab_keep_lowest_index_on_ties():
     from helios.ops.exit_head import PackedHead, exit_head_native
 

@@ -81,6 +81,13 @@ class DecoderModel:
         """Full logits at an exit (sampled rows need the whole distribution)."""
         return self.head.logits(self.exit_head_input(hidden, layer))
 
+    def greedy_head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(argmax token, its probability) of each row at the last layer, as compute_logits + argmax would give,
+        without writing [batch, vocab] logits."""
+        from helios.ops.exit_head import greedy_head_native
+
+        return greedy_head_native(self.head_input(hidden), self.head, None)
+
     def exit_head(self, hidden: torch.Tensor, layer: int | None = None):
         """(token, p1, p2, entropy) of each row at an exit: adapter, then norm + LM head fused, no [B, vocab]
         logits."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from helios.engine.sampler import prompt_token_logprobs, sample
+from helios.engine.sampler import needs_logits, prompt_token_logprobs, sample
 from helios.engine.scheduler import ScheduledSeq
 from helios.exits.config import ExitPolicy
 from helios.exits.forward import ExitForward, TokenChoice
@@ -98,10 +98,18 @@ class ModelRunner:
             choices, hidden, meta = self.exits.run(batch, input_ids, positions, meta)
         else:
             hidden = self.model.forward(input_ids, positions, self.kv_layers, meta)
-            logits = self.model.compute_logits(hidden[last]).float()
-            tokens, logprobs = sample(logits, [item.seq for item in batch], self.generator, self.stop_ids)
+            seqs = [item.seq for item in batch]
+            rows = hidden[last]
+            if rows.device.type == "cpu" and not any(needs_logits(s) for s in seqs):
+                # plain greedy rows on CPU: argmax and max prob chunk by chunk from the very logits compute_logits
+                # would make, without writing [batch, vocab] logits
+                token_t, p1_t = self.model.greedy_head(rows)
+                tokens, p1, logprobs = token_t.tolist(), p1_t.tolist(), [None] * len(seqs)
+            else:
+                logits = self.model.compute_logits(rows).float()
+                tokens, logprobs = sample(logits, seqs, self.generator, self.stop_ids)
+                p1 = (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp().tolist()
             # telemetry of plain decoding: every token leaves at the last loaded layer; confidence = max prob
-            p1 = (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp().tolist()
             depth = self.model.loaded_layers
             choices = [TokenChoice(t, depth, c, False, lp) for t, c, lp in zip(tokens, p1, logprobs, strict=True)]
         self._prompt_logprobs(batch, hidden, meta, choices)

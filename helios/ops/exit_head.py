@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from helios.ops.linear import Linear
 from helios.ops.norm import Norm
 
-CHUNK = 8192  # vocabulary rows per chunk: [B, 8192] fp32 transient instead of [B, vocab]
+# vocabulary rows per chunk: [B, 32768] fp32 transient instead of [B, vocab]. Larger chunks were never slower on
+# 2 CPU cores (Gemma 3's 262k head, batch 16: 58 ms per head pass at 32768 rows vs 67 ms at 8192; SmolLM2's 49k:
+# equal), and the per-chunk bookkeeping is paid fewer times.
+CHUNK = 32768
 
 
 class PackedHead:
@@ -57,14 +60,12 @@ def exit_head_native(hidden: torch.Tensor, head: PackedHead | torch.Tensor, norm
     token = torch.zeros(rows, dtype=torch.int64, device=x.device)
     for start, linear in head.chunks:
         z = linear(x).float()  # [B, chunk]
-        k = min(2, z.shape[1])
-        values, index = z.topk(k, dim=1)  # also the chunk max: one pass fewer
-        v1 = values[:, 0]
-        v2 = values[:, 1] if k == 2 else torch.full_like(v1, float("-inf"))
+        v1, i1 = z.max(dim=1)  # on ties the lowest index, like argmax (topk's order among equal values is not)
+        v2 = z.topk(2, dim=1).values[:, 1] if z.shape[1] > 1 else torch.full_like(v1, float("-inf"))
         better = v1 > top1  # strict: ties keep the lower token id, like argmax
         top2 = torch.where(better, torch.maximum(top1, v2), torch.maximum(top2, v1))
         top1 = torch.where(better, v1, top1)
-        token = torch.where(better, index[:, 0] + start, token)
+        token = torch.where(better, i1 + start, token)
         m_new = torch.maximum(m, v1)
         shift = m - m_new  # <= 0; -inf on the first chunk, where d = s = 0
         scale = torch.exp(shift)
@@ -79,6 +80,25 @@ def exit_head_native(hidden: torch.Tensor, head: PackedHead | torch.Tensor, norm
     p2 = torch.exp(top2 - m) / d
     entropy = torch.log(d) - s / d
     return token, p1, p2, entropy
+
+
+def greedy_head_native(hidden: torch.Tensor, head: PackedHead, norm: Norm | None):
+    """hidden [B, d] → (argmax token int64[B], its probability f32[B]): what plain greedy decoding needs, chunk by
+    chunk from the same logits PackedHead.logits makes (so the same argmax), never [B, vocab] at once."""
+    x = _normalize(hidden, norm)
+    best = lse = token = None
+    for start, linear in head.chunks:
+        z = linear(x).float()
+        value, index = z.max(dim=1)  # the lowest index on ties, like argmax
+        chunk_lse = torch.logsumexp(z, dim=1)
+        if best is None:
+            best, lse, token = value, chunk_lse, index
+            continue
+        better = value > best  # strict: an earlier chunk keeps a tie
+        token = torch.where(better, index + start, token)
+        best = torch.maximum(best, value)
+        lse = torch.logaddexp(lse, chunk_lse)
+    return token, torch.exp(best - lse)
 
 
 def exit_head(hidden: torch.Tensor, lm_head: torch.Tensor, norm_weight: torch.Tensor | None,

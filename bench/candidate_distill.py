@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine, save  # noqa: E402
 
-from helios.exits.tuning import tune_exits  # noqa: E402
+from helios.tuning.tune import tune_exits  # noqa: E402
 
 TRAIN = [SHARED / "data" / "tinyshakespeare" / "input.txt", SHARED / "data" / "gsm8k" / "train.jsonl"]
 HELD_OUT = [SHARED / "data" / "xsum-sample" / "sample.jsonl", SHARED / "data" / "gsm8k" / "test.jsonl"]

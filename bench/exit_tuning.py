@@ -29,10 +29,10 @@ from common import SHARED, machine, save  # noqa: E402
 from early_exit import compare_with_plain, timed_generate  # noqa: E402
 
 from helios import LLM, ExitConfig, SamplingParams  # noqa: E402
-from helios.exits.calibration import choose_thresholds, collect_exit_stats, exit_report  # noqa: E402
-from helios.exits.corpus import token_windows  # noqa: E402
 from helios.exits.heads import ExitAdapter, ExitHeads  # noqa: E402
-from helios.exits.tuning import tune_exits  # noqa: E402
+from helios.tuning.calibration import choose_thresholds, collect_exit_stats, exit_report  # noqa: E402
+from helios.tuning.corpus import token_windows  # noqa: E402
+from helios.tuning.tune import tune_exits  # noqa: E402
 
 DEFAULT_LAYERS = {"smollm2-135m": [10, 20, 24], "gemma3-270m": [6, 12, 15]}  # about 1/3, 2/3 and 4/5 deep
 DATA = SHARED / "data"

@@ -149,7 +149,7 @@ def _print_table(header: list[str], rows: list[list]) -> None:
 
 
 def cmd_tune_exits(args) -> int:
-    from helios.exits.tuning import tune_exits
+    from helios.tuning.tune import tune_exits
 
     options = dict(max_tokens=args.max_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                    batch_tokens=args.batch_tokens, epochs=args.epochs, lr=args.lr, ce_weight=args.ce_weight,
@@ -168,7 +168,7 @@ def cmd_tune_exits(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from helios.exits.calibration import calibrate_exits
+    from helios.tuning.calibration import calibrate_exits
 
     report = calibrate_exits(args.model, args.heads, args.corpus, args.target_precision,
                              confidence=args.confidence, max_tokens=args.max_tokens, min_exits=args.min_exits,

@@ -10,10 +10,10 @@ import torch
 
 from helios import LLM, ExitConfig, SamplingParams
 from helios.cli import main
-from helios.exits.calibration import ExitStats, calibrate_exits, choose_thresholds, exit_report
-from helios.exits.corpus import _fair_shares, batches, read_documents, token_windows
 from helios.exits.heads import ExitHeads
-from helios.exits.tuning import sample_states, tune_exits
+from helios.tuning.calibration import ExitStats, calibrate_exits, choose_thresholds, exit_report
+from helios.tuning.corpus import _fair_shares, batches, read_documents, token_windows
+from helios.tuning.tune import sample_states, tune_exits
 from tests.conftest import PROMPTS
 
 WORDS = ("the of and to in is was for on that with as fox time water boils sea shells numbers one two three "
@@ -264,7 +264,7 @@ def test_tuning_an_llm_with_a_small_kv_cache_uses_smaller_forwards(peaked_checkp
 
 @pytest.mark.parametrize("separate_eval", [True, False])
 def test_max_tokens_is_what_training_gets_with_or_without_eval_corpus(checkpoints, corpora, separate_eval):
-    from helios.exits.tuning import TuneConfig, _split_windows
+    from helios.tuning.tune import TuneConfig, _split_windows
 
     tokenizer = LLM(checkpoints["llama"], kv_cache_blocks=16).get_tokenizer()
     config = TuneConfig(layers=[1], max_tokens=700, eval_tokens=300, seq_len=64)  # the file holds more than both
@@ -277,7 +277,7 @@ def test_max_tokens_is_what_training_gets_with_or_without_eval_corpus(checkpoint
 
 
 def test_take_tokens_cuts_exactly():
-    from helios.exits.corpus import take_tokens
+    from helios.tuning.corpus import take_tokens
 
     taken, rest = take_tokens([[1] * 10, [2] * 10, [3] * 10], 15)
     assert taken == [[1] * 10, [2] * 5] and rest == [[2] * 5, [3] * 10]
@@ -289,8 +289,8 @@ def test_take_tokens_cuts_exactly():
 
 def test_candidates_covering_the_vocabulary_equal_full_distillation():
     """With every token a candidate (no tail), the candidate loss and its gradient are the full-vocabulary ones."""
-    from helios.exits.distill import distill, teacher_targets
-    from helios.exits.sampled_distill import candidates, student_loss, teacher_probs, topk_teacher
+    from helios.tuning.distill import distill, teacher_targets
+    from helios.tuning.sampled_distill import candidates, student_loss, teacher_probs, topk_teacher
 
     g = torch.Generator().manual_seed(0)
     vocab, dim, rows = 97, 24, 13
@@ -310,7 +310,7 @@ def test_candidates_covering_the_vocabulary_equal_full_distillation():
 
 
 def test_sampled_tail_estimates_the_students_tail_mass():
-    from helios.exits.sampled_distill import candidates
+    from helios.tuning.sampled_distill import candidates
 
     g = torch.Generator().manual_seed(1)
     vocab, dim = 5000, 16

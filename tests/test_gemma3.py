@@ -108,7 +108,7 @@ def test_multimodal_gemma3_config_is_refused_clearly(tmp_path):
 def test_fused_exit_head_equals_the_gemma_models_own_logits(gemmas, device):
     """The exit head (native on CPU, Triton on CUDA) with Gemma's norm gives the argmax and probabilities of the
     model's own final norm + tied LM head, and stats() splits the bytes into layers, embedding and head."""
-    from helios.exits.forward import confidence_from_logits
+    from helios.engine.exit_step import confidence_from_logits
 
     llm = LLM(gemmas["pattern-fsfs-kv2"], device=device, dtype="float32", kv_cache_blocks=16)
     model = llm.engine.model

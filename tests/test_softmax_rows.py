@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helios._ext import load_extension
-from helios.exits.distill import distill, teacher_targets
 from helios.ops.softmax_rows import distill_rows_, distill_rows_reference, softmax_rows_, softmax_rows_reference
+from helios.tuning.distill import distill, teacher_targets
 
 load_extension()
 SHAPES = [(1, 7), (5, 300), (17, 1001), (3, 4099)]

@@ -19,6 +19,7 @@ from helios.config import EngineConfig
 from helios.engine.output_processor import OutputProcessor
 from helios.engine.outputs import RequestOutput
 from helios.engine.prompts import parse_prompt
+from helios.engine.runner import ModelRunner
 from helios.engine.scheduler import ScheduledSeq, Scheduler
 from helios.engine.sequence import Request, Sequence
 from helios.exits.heads import ExitHeads, find_model_heads
@@ -26,7 +27,6 @@ from helios.kv.cache import KVCache, kv_bytes_per_token
 from helios.kv.sizing import kv_pool_blocks
 from helios.model.checkpoint import open_checkpoint
 from helios.model.registry import check_supported, load_model
-from helios.model.runner import ModelRunner
 from helios.model.source import resolve_model
 from helios.ops import PagedAttentionOps
 from helios.sampling_params import SamplingParams

@@ -1,8 +1,6 @@
-"""Early exits: configuration, the forward pass in which tokens leave the layer stack, and the tuning and
-calibration of exit adapters."""
+"""Early exits as served: configuration and policy (layers, thresholds), exit adapters and their file format, and
+the threshold rule. Training and offline calibration live in helios.tuning."""
 
-from helios.exits.calibration import calibrate_exits
 from helios.exits.config import ExitConfig
-from helios.exits.tuning import tune_exits
 
-__all__ = ["ExitConfig", "calibrate_exits", "tune_exits"]
+__all__ = ["ExitConfig"]

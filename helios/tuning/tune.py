@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from helios.exits.corpus import MIN_WINDOW, batches, take_tokens, token_windows
-from helios.exits.distill import distill, teacher_targets
+from helios.config import EngineConfig
+from helios.engine.engine import LLMEngine
 from helios.exits.heads import ExitAdapter, ExitHeads, model_fingerprint
-from helios.exits.sampled_distill import TopKTeacher, candidates, student_loss, teacher_probs, topk_teacher
+from helios.model.source import resolve_model
+from helios.tuning.corpus import MIN_WINDOW, batches, take_tokens, token_windows
+from helios.tuning.distill import distill, teacher_targets
+from helios.tuning.sampled_distill import TopKTeacher, candidates, student_loss, teacher_probs, topk_teacher
 
 FORWARD_TOKENS = 2048  # tokens per frozen forward: large enough for efficient GEMMs, one group of KV blocks
 CANDIDATE_VOCAB = 100_000  # distill="auto" trains on candidate tokens above this vocabulary size
@@ -47,7 +50,7 @@ class TuneConfig:
     train_norm: bool = True  # also learn an exit-specific norm weight (starts as the final norm's)
     seed: int = 0
     # "full": KL over the whole vocabulary each step; "candidates": over the batch's teacher top-K tokens plus a
-    # sampled tail (helios.exits.sampled_distill), for large vocabularies; "auto": candidates above 100k tokens
+    # sampled tail (helios.tuning.sampled_distill), for large vocabularies; "auto": candidates above 100k tokens
     distill: str = "auto"
     top_k: int = 32
     tail_samples: int = 2048
@@ -84,22 +87,20 @@ def _check_layers(layers: list[int], total: int) -> None:
                          "one is the teacher)")
 
 
-def teacher_forcing_llm(model, window_tokens: int):
-    """An LLM for teacher-forced passes of up to `window_tokens` tokens at a time (float32, no prefix cache)."""
-    from helios import LLM
-
-    if isinstance(model, LLM):
-        if model.engine.dtype != torch.float32:
-            raise ValueError(f"exit tuning and calibration run in float32; this LLM is {model.engine.dtype}")
-        return model
-    from helios.model.source import resolve_model
-
+def teacher_forcing_engine(model, window_tokens: int) -> LLMEngine:
+    """An engine for teacher-forced passes of up to `window_tokens` tokens at a time (float32, no prefix cache);
+    `model` is an alias, a path, or an LLM whose engine is used as it is."""
+    engine = getattr(model, "engine", None)
+    if isinstance(engine, LLMEngine):
+        if engine.dtype != torch.float32:
+            raise ValueError(f"exit tuning and calibration run in float32; this LLM is {engine.dtype}")
+        return engine
     config = resolve_model(model).config
     max_len = min(window_tokens, getattr(config, "max_position_embeddings", None) or window_tokens)
     block_size = 16
     blocks = math.ceil(window_tokens * _blocks_per_token(block_size)) + 1
-    return LLM(model, dtype="float32", enable_prefix_caching=False, block_size=block_size, kv_cache_blocks=blocks,
-               max_model_len=max_len)
+    return LLMEngine(EngineConfig(model, dtype="float32", enable_prefix_caching=False, block_size=block_size,
+                                  kv_cache_blocks=blocks, max_model_len=max_len))
 
 
 def _blocks_per_token(block_size: int) -> float:
@@ -230,8 +231,8 @@ def tune_exits(model, corpus: list[str | Path], layers: list[int], out: str | Pa
     returns them as ExitHeads (also saved to `out` when given). options: the fields of TuneConfig."""
     config = TuneConfig(layers=list(layers), **options)
     started = time.perf_counter()
-    llm = teacher_forcing_llm(model, max(FORWARD_TOKENS, config.seq_len))
-    engine, m = llm.engine, llm.engine.model
+    engine = teacher_forcing_engine(model, max(FORWARD_TOKENS, config.seq_len))
+    m = engine.model
     if m.loaded_layers != m.total_layers:
         raise ValueError(f"exit tuning needs the whole model (the final layer is the teacher): {m.loaded_layers} "
                          f"of {m.total_layers} layers are loaded")
@@ -313,7 +314,7 @@ def _train(model, heads: ExitHeads, states: SampledStates, config: TuneConfig, g
 
 def _full_vocab_step(model, head: torch.Tensor, states: SampledStates, rows: torch.Tensor, config: TuneConfig,
                      history: dict[int, list[float]]) -> None:
-    """Gradients of KL + CE over the whole vocabulary, the LM head's part by hand (helios.exits.distill)."""
+    """Gradients of KL + CE over the whole vocabulary, the LM head's part by hand (helios.tuning.distill)."""
     teacher = teacher_targets(states.final[rows], head)
     for layer in config.layers:
         x = model.exit_head_input(states.exits[layer][rows], layer)
@@ -324,7 +325,7 @@ def _full_vocab_step(model, head: torch.Tensor, states: SampledStates, rows: tor
 
 def _candidate_step(model, head: torch.Tensor, states: SampledStates, rows: torch.Tensor, config: TuneConfig,
                     generator: torch.Generator, history: dict[int, list[float]]) -> None:
-    """Gradients of KL + CE over the batch's candidate tokens and a sampled tail (helios.exits.sampled_distill)."""
+    """Gradients of KL + CE over the batch's candidate tokens and a sampled tail (helios.tuning.sampled_distill)."""
     cand = candidates(states.teacher.top[rows], head, config.tail_samples, generator)
     p, p_tail = teacher_probs(states.final[rows], states.teacher.lse[rows], cand)
     for layer in config.layers:

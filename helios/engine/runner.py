@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from helios.engine.exit_step import ExitForward, TokenChoice
 from helios.engine.sampler import needs_logits, prompt_token_logprobs, sample
 from helios.engine.scheduler import ScheduledSeq
 from helios.exits.config import ExitPolicy
-from helios.exits.forward import ExitForward, TokenChoice
 from helios.kv.cache import KVCache
 from helios.model.base import DecoderModel
 from helios.ops import AttentionMetadata

@@ -7,6 +7,7 @@ or garbage-collected) aborts its unfinished requests, so their KV blocks come ba
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helios.config import EngineConfig
+from helios.control import SLO, ControlledEngine
 from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
 from helios.engine.prompts import is_token_ids
@@ -36,16 +38,33 @@ class LLM:
     vLLM's names: tokenizer (a tokenizer directory other than the model's), gpu_memory_utilization (CUDA: the
     share of GPU memory for weights + activations + KV), seed, enforce_eager (helios always runs eagerly),
     trust_remote_code (helios never runs checkpoint code), tensor_parallel_size (1: helios runs on one device).
+
+    The HELIOS control plane: model=[a, b, ...] (candidates) and/or slo=SLO(...) / "throughput" / "latency" /
+    "energy" / "memory" profiles the candidates on live requests, serves the chosen model truncated to the chosen
+    depth, and grows the depth or switches model on confidence breaches (see helios.control). `repository` is a
+    JSON file that keeps the candidates' facts and profiles across restarts. Every other argument applies to each
+    candidate; num_layers and early_exit thresholds are then the control plane's to choose (early_exit.heads
+    still names trained exit heads).
     """
 
-    def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+    def __init__(self, model: str | Path | list[str | Path], device: str | torch.device = "auto",
+                 dtype: str | torch.dtype = "auto",
                  memory_budget: int | str | None = None, block_size: int = 16, kv_cache_blocks: int | None = None,
                  max_num_seqs: int = 256, max_model_len: int | None = None, num_layers: int | None = None,
                  max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
                  early_exit: ExitConfig | None = None, load_format: str = "auto", *,
                  tokenizer: str | Path | None = None, gpu_memory_utilization: float | None = None,
-                 enforce_eager: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1):
-        config = EngineConfig(model=model, device=device, dtype=dtype, memory_budget=memory_budget,
+                 enforce_eager: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                 slo: SLO | str | dict | None = None, repository: str | Path | None = None):
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        if not models:
+            raise ValueError("model must name at least one model")
+        controlled = slo is not None or len(models) > 1
+        if controlled and num_layers is not None:
+            raise ValueError("num_layers is chosen by the control plane when slo or several models are given")
+        if repository is not None and not controlled:
+            raise ValueError("repository is the control plane's: pass slo=... (or several models) with it")
+        config = EngineConfig(model=models[0], device=device, dtype=dtype, memory_budget=memory_budget,
                               block_size=block_size, kv_cache_blocks=kv_cache_blocks, max_num_seqs=max_num_seqs,
                               max_model_len=max_model_len, num_layers=num_layers,
                               max_num_batched_tokens=max_num_batched_tokens, seed=seed,
@@ -53,7 +72,11 @@ class LLM:
                               load_format=load_format, tokenizer=tokenizer,
                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                               trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size)
-        self.engine = LLMEngine(config)
+        if controlled:
+            configs = [dataclasses.replace(config, model=m) for m in models]
+            self.engine = ControlledEngine(configs, SLO.parse(slo if slo is not None else "throughput"), repository)
+        else:
+            self.engine = LLMEngine(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -178,3 +201,9 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def set_slo(self, slo: SLO | str | dict) -> None:
+        """Changes the control plane's SLO; the candidates are profiled again for it."""
+        if not isinstance(self.engine, ControlledEngine):
+            raise ValueError("set_slo needs the control plane: create the LLM with slo=... (or several models)")
+        self.engine.set_slo(slo)

@@ -1,4 +1,5 @@
-"""The packages form a one-way stack: cli / server -> llm -> control -> tuning -> engine -> model, exits -> ops -> helios._C.
+"""The packages form a one-way stack: cli / server -> llm -> control -> tuning -> engine -> model, exits -> ops ->
+helios._C.
 An import from a lower layer into a higher one (even inside a function) fails here."""
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import itertools
 import logging
 import threading
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from transformers import AutoTokenizer
@@ -18,21 +19,30 @@ from transformers import AutoTokenizer
 from helios.config import EngineConfig
 from helios.engine.output_processor import OutputProcessor
 from helios.engine.outputs import RequestOutput
+from helios.engine.probes import ProbeLog
 from helios.engine.prompts import parse_prompt
 from helios.engine.runner import ModelRunner
 from helios.engine.scheduler import ScheduledSeq, Scheduler
-from helios.engine.sequence import Request, Sequence
+from helios.engine.sequence import Request, Sequence, Status
+from helios.exits.config import ExitPolicy
 from helios.exits.heads import ExitHeads, find_model_heads
 from helios.kv.cache import KVCache, kv_bytes_per_token
 from helios.kv.sizing import kv_pool_blocks
 from helios.model.checkpoint import open_checkpoint
-from helios.model.registry import check_supported, load_model
+from helios.model.registry import check_supported, load_model, weight_reader
 from helios.model.source import resolve_model
 from helios.ops import PagedAttentionOps
 from helios.sampling_params import SamplingParams
 from helios.utils.device import resolve_device, resolve_dtype
 
 logger = logging.getLogger("helios")
+
+
+def _reset_for_recompute(seq: Sequence) -> None:
+    """A sequence about to be re-prefilled elsewhere: no K/V computed, no blocks, waiting (keeps its tokens)."""
+    seq.num_computed_tokens = 0
+    seq.num_published_blocks = 0
+    seq.status = Status.WAITING
 
 
 def locked(method):
@@ -47,7 +57,8 @@ def locked(method):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, request_ids: Iterator[int] | None = None):
+        """request_ids: where request ids come from (engines that hand requests to each other share one)."""
         self.config = config
         self.device = resolve_device(config.device)
         self.source = resolve_model(config.model)
@@ -77,7 +88,27 @@ class LLMEngine:
 
         self.model = load_model(hf, checkpoint, num_layers, self.max_model_len, self.dtype, self.device,
                                 PagedAttentionOps(self.device))
+        self.checkpoint = checkpoint
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, self.max_model_len)
+        self.early_exit = config.early_exit
+        self.exit_policy = self._exit_policy(num_layers)
+        self._build_kv_and_runner()
+        self.eos_token_ids = self._eos_ids()
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.runner.stop_ids = frozenset(self.eos_token_ids)
+        self.probes = None  # ProbeLog while profiling (set_probes): every exit layer evaluated on every token
+        self.lock = threading.RLock()
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._stepping = False
+        self._pending_aborts: list[str] = []
+        self._request_ids = itertools.count() if request_ids is None else request_ids
+        self.num_generated_tokens = 0
+        self.exit_histogram: Counter[int] = Counter()  # 1-based exit layer -> generated tokens
+        self.num_breaches = 0
+
+    def _build_kv_and_runner(self) -> None:
+        """Sizes the KV pool for the loaded layers and builds the runner and scheduler over it."""
+        config, num_layers = self.config, self.model.loaded_layers
         self.kv_bytes_per_token = kv_bytes_per_token(num_layers, self.model.num_kv_heads, self.model.head_dim,
                                                      self.dtype)
         num_blocks, self.kv_sizing = kv_pool_blocks(
@@ -97,27 +128,15 @@ class LLMEngine:
             logger.warning("max_model_len lowered to %d to fit the KV pool", self.max_model_len)
         self.kv_cache = KVCache(num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
                                 self.model.head_dim, self.dtype, self.device)
-        self.early_exit = config.early_exit
-        self.exit_policy = self._exit_policy(num_layers)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed,
                                   exit_policy=self.exit_policy)
         self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens,
                                    prefix_caching=config.enable_prefix_caching)
-        self.eos_token_ids = self._eos_ids()
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
-        self.runner.stop_ids = frozenset(self.eos_token_ids)
-        self.lock = threading.RLock()
-        self.requests: dict[str, Request] = {}  # unfinished requests by id
-        self._stepping = False
-        self._pending_aborts: list[str] = []
-        self._request_ids = itertools.count()
-        self.num_generated_tokens = 0
-        self.exit_histogram: Counter[int] = Counter()  # 1-based exit layer -> generated tokens
-        self.num_breaches = 0
 
     def _exit_policy(self, num_layers: int):
         """Loads trained exit heads (ExitConfig.heads, else the model's helios_exits/ folder) and resolves the
         exit layers and thresholds; None without early exit."""
+        self.exit_heads_dir = None
         if self.early_exit is None:
             return None
         heads_dir = self.early_exit.heads or find_model_heads(self.source.path)
@@ -194,6 +213,86 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ---- what the control plane changes between steps ------------------------------------------------------------
+    @locked
+    def release(self, request_id: str) -> Request:
+        """Takes a request out of this engine unfinished (to carry it to another): its sequences give back their
+        KV blocks and keep their tokens."""
+        self._check_idle("release")
+        request = self.requests.pop(request_id)
+        for seq in request.seqs:
+            if seq.is_finished:
+                continue
+            self.kv_cache.allocator.free_sequence(seq.seq_id)
+            for queue in (self.scheduler.running, self.scheduler.waiting):
+                if seq in queue:
+                    queue.remove(seq)
+            _reset_for_recompute(seq)
+        return request
+
+    @locked
+    def adopt(self, request: Request) -> None:
+        """Continues a request released by an engine of the same tokenizer: its unfinished sequences are
+        re-prefilled here (prompt + tokens generated so far) and go on decoding."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already in this engine")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            if not seq.is_finished:
+                _reset_for_recompute(seq)
+                self.scheduler.waiting.append(seq)
+
+    @locked
+    def set_exit_policy(self, policy: ExitPolicy | None) -> None:
+        """Exit layers and thresholds from now on (None: plain decoding); the last loaded layer must be an exit."""
+        self._check_idle("set_exit_policy")
+        if policy is not None and (policy.layers[-1] != self.model.loaded_layers
+                                   or any(not 1 <= x <= self.model.loaded_layers for x in policy.layers)):
+            raise ValueError(f"exit layers {list(policy.layers)} must lie in 1..{self.model.loaded_layers} and end at "
+                             "the last loaded layer")
+        self.exit_policy = policy
+        self.runner.set_exit_policy(policy)
+
+    @locked
+    def set_probes(self, probes: ProbeLog | None) -> None:
+        """Starts (a ProbeLog) or stops (None) profiling: full depth, every probe layer evaluated on every token."""
+        self._check_idle("set_probes")
+        if probes is not None and any(not 1 <= x < self.model.loaded_layers for x in probes.layers):
+            raise ValueError(f"probe layers {list(probes.layers)} must lie in 1..{self.model.loaded_layers - 1}")
+        self.runner.probes = probes
+
+    @locked
+    def grow(self, depth: int, exit_policy: ExitPolicy | None = None) -> None:
+        """Loads layers loaded_layers+1..depth (only those), re-lays the KV pool for `depth` layers and re-prefills
+        every unfinished sequence, so its next tokens are those of a depth-`depth` model on the same context.
+        If anything fails, the engine keeps serving as it was."""
+        self._check_idle("grow")
+        model = self.model
+        saved_model = (model.loaded_layers, model.layer_bytes, model.weight_bytes, model.num_parameters)
+        saved_engine = {name: getattr(self, name) for name in
+                        ("kv_bytes_per_token", "kv_sizing", "max_model_len", "kv_cache", "runner", "scheduler",
+                         "exit_policy")}
+        unfinished = [*self.scheduler.running, *self.scheduler.waiting]
+        try:
+            model.grow(weight_reader(self.source.config, self.checkpoint, self.dtype, self.device), depth)
+            self.exit_policy = exit_policy
+            self._build_kv_and_runner()
+        except BaseException:
+            del model.layers[saved_model[0]:]
+            model.loaded_layers, model.layer_bytes, model.weight_bytes, model.num_parameters = saved_model
+            for name, value in saved_engine.items():
+                setattr(self, name, value)
+            raise
+        self.runner.stop_ids = frozenset(self.eos_token_ids)
+        self.runner.probes = saved_engine["runner"].probes if exit_policy is None else None
+        for seq in unfinished:  # the old pool is gone: every sequence recomputes its K/V in the new one
+            _reset_for_recompute(seq)
+            self.scheduler.waiting.append(seq)
+
+    def _check_idle(self, what: str) -> None:
+        if self._stepping:
+            raise RuntimeError(f"{what} cannot run inside a step")
+
     @locked
     def step(self) -> list[Sequence]:
         """Runs one batch; returns the sequences that advanced (each gained exactly one token)."""
@@ -221,6 +320,7 @@ class LLMEngine:
                 seq.logprobs.append(choice.logprobs)
             if choice.prompt_logprobs is not None and seq.prompt_logprobs is None:
                 seq.prompt_logprobs = choice.prompt_logprobs
+            seq.last_breach = choice.breach
             self.exit_histogram[choice.exit_layer] += 1
             self.num_breaches += choice.breach
             self.num_generated_tokens += 1

@@ -3,9 +3,12 @@ runs layers 1..L, computes logits only at each sequence's last position, and sam
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from helios.engine.exit_step import ExitForward, TokenChoice
+from helios.engine.probes import ProbeLog, synchronize
 from helios.engine.sampler import needs_logits, prompt_token_logprobs, sample
 from helios.engine.scheduler import ScheduledSeq
 from helios.exits.config import ExitPolicy
@@ -23,8 +26,15 @@ class ModelRunner:
         self.kv_layers = kv_cache.layers()
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
-        self.exits = ExitForward(model, exit_policy, self.kv_layers, self.generator) if exit_policy else None
+        self.exits = None
+        self.set_exit_policy(exit_policy)
         self.stop_ids: frozenset[int] = frozenset()  # EOS ids: masked for rows still below their min_tokens
+        self.probes: ProbeLog | None = None  # profiling: full depth, every probe exit evaluated (no early exit)
+
+    def set_exit_policy(self, policy: ExitPolicy | None) -> None:
+        self.exits = ExitForward(self.model, policy, self.kv_layers, self.generator) if policy else None
+        if self.exits is not None:
+            self.exits.stop_ids = getattr(self, "_stop_ids", frozenset())
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -94,7 +104,9 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, batch: list[ScheduledSeq]) -> list[TokenChoice]:
         input_ids, positions, meta, last = self.prepare(batch)
-        if self.exits is not None:
+        if self.probes is not None:
+            choices, hidden = self._probed_step(batch, input_ids, positions, meta, last)
+        elif self.exits is not None:
             choices, hidden, meta = self.exits.run(batch, input_ids, positions, meta)
         else:
             hidden = self.model.forward(input_ids, positions, self.kv_layers, meta)
@@ -116,6 +128,38 @@ class ModelRunner:
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
         return choices
+
+    def _probed_step(self, batch: list[ScheduledSeq], input_ids: torch.Tensor, positions: torch.Tensor,
+                     meta: AttentionMetadata, last: torch.Tensor) -> tuple[list[TokenChoice], torch.Tensor]:
+        """Plain full-depth decoding that also records, per token, every probe exit's confidence and agreement,
+        the tokens' and prompts' log-likelihood, and layer / exit-check time (see helios.engine.probes)."""
+        model, probes = self.model, self.probes
+        states = {}
+        synchronize(input_ids.device)
+        start = time.perf_counter()
+        hidden = model.embed(input_ids, positions)
+        for i in range(model.loaded_layers):
+            hidden = model.layer(i, hidden, positions, self.kv_layers[i], meta)
+            if i + 1 in probes.layers:
+                states[i + 1] = hidden[last]
+        synchronize(input_ids.device)
+        probes.layer_seconds += time.perf_counter() - start
+        probes.layer_steps += model.loaded_layers
+        seqs = [item.seq for item in batch]
+        logits = model.compute_logits(hidden[last]).float()
+        tokens, logprobs = sample(logits, seqs, self.generator, self.stop_ids)
+        log_probs = logits.log_softmax(-1)
+        probes.record_exits(model, states, logits.argmax(-1))
+        probes.record_outputs([s.request_id for s in seqs], log_probs, tokens)
+        first_dense = len(batch) - len(meta.dense or [])
+        for k, dense in enumerate(meta.dense or []):
+            seq = batch[first_dense + k].seq
+            if seq.num_computed_tokens == 0 and seq.request_id not in probes.prompt_nats:
+                probes.record_prompt(model, seq.request_id, hidden[dense.start:dense.start + seq.prompt_len - 1],
+                                     seq.prompt_token_ids)
+        p1 = log_probs.max(-1).values.exp().tolist()
+        depth = model.loaded_layers
+        return [TokenChoice(t, depth, c, False, lp) for t, c, lp in zip(tokens, p1, logprobs, strict=True)], hidden
 
     def _prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata,
                          choices: list[TokenChoice]) -> None:

@@ -39,6 +39,7 @@ class Sequence:
         self.num_published_blocks = 0  # leading blocks of its table already offered to the prefix cache
         self.exit_layers: list[int] = []  # per generated token: the 1-based layer it left at
         self.confidences: list[float] = []  # per generated token: its confidence there
+        self.last_breach = False  # whether the newest token was forced out at the last layer below its threshold
         self.logprobs: list = []  # per generated token: TokenLogprobs (when params.logprobs is set)
         self.prompt_logprobs: list | None = None  # per prompt token (when params.prompt_logprobs is set)
         self.generator: torch.Generator | None = None

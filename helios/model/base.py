@@ -103,6 +103,23 @@ class DecoderModel:
                              norm=kind, eps=1e-5 if n is None else n.eps)
         return exit_head_native(hidden, self.head, norm)
 
+    def _load_layer(self, reader, index: int):
+        """Reads the weights of layer `index` (0-based) through `reader`."""
+        raise NotImplementedError
+
+    def grow(self, reader, depth: int) -> None:
+        """Loads layers loaded_layers+1..depth (and no others) and appends them; the KV pool is the caller's."""
+        if not self.loaded_layers < depth <= self.total_layers:
+            raise ValueError(f"cannot grow from {self.loaded_layers} to {depth} layers (the model has "
+                             f"{self.total_layers})")
+        before, params_before = reader.bytes_loaded, reader.params_loaded
+        new = [self._load_layer(reader, i) for i in range(self.loaded_layers, depth)]
+        self.layers.extend(new)  # only after every new layer loaded: a failure leaves the model as it was
+        self.loaded_layers = depth
+        self.layer_bytes += reader.bytes_loaded - before
+        self.weight_bytes += reader.bytes_loaded - before
+        self.num_parameters += reader.params_loaded - params_before
+
     def _finish_loading(self, reader, tied: bool) -> None:
         """Loads the LM head (the input embedding when tied), prepares it for matmuls, and records the memory
         and parameters that loading took. Needs self.embed_tokens."""

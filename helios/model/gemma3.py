@@ -59,42 +59,47 @@ class Gemma3Model(DecoderModel):
         self.act = ACT2FN[config.hidden_activation]
         self.scale = config.query_pre_attn_scalar ** -0.5
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.config, self.max_positions = config, max_positions
+        self._rotary: dict[str, RotaryEmbedding] = {}  # one table per layer type, built when a layer needs it
+        self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
+        # transformers multiplies by sqrt(hidden) cast to the weights' dtype (55.4256 becomes 55.5 in bfloat16)
+        self.embed_scale = torch.tensor(d**0.5, dtype=reader.dtype, device=reader.device)
+        self.layers: list[Gemma3Layer] = [self._load_layer(reader, i) for i in range(num_layers)]
+        self.final_norm = Norm("rms_fp32", 1.0 + reader.get("norm.weight", (d,)).float(), None, self.eps)
+        self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", True))
+        self.qkv_split = (q_out, kv_out, kv_out)
+
+    def _load_layer(self, reader: WeightReader, i: int) -> Gemma3Layer:
+        config, d, p = self.config, self.hidden_size, f"layers.{i}."
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         inter = config.intermediate_size
-        layer_types = config.layer_types
-        if any(t not in LAYER_TYPES for t in layer_types[:num_layers]):
-            raise ValueError(f"Gemma 3 layer_types must be among {LAYER_TYPES}, got {sorted(set(layer_types))}")
-        rotary = {t: RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device, layer_type=t)
-                  for t in sorted(set(layer_types[:num_layers]))}
+        layer_type = config.layer_types[i]
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(f"Gemma 3 layer_types must be among {LAYER_TYPES}, got {layer_type!r} for layer {i}")
+        if layer_type not in self._rotary:
+            self._rotary[layer_type] = RotaryEmbedding(config, self.head_dim, self.max_positions, reader.dtype,
+                                                       reader.device, layer_type=layer_type)
 
         def norm(name: str, size: int = d) -> torch.Tensor:
             return 1.0 + reader.get(name, (size,)).float()
 
-        self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
-        # transformers multiplies by sqrt(hidden) cast to the weights' dtype (55.4256 becomes 55.5 in bfloat16)
-        self.embed_scale = torch.tensor(d**0.5, dtype=reader.dtype, device=reader.device)
-        self.layers: list[Gemma3Layer] = []
-        for i in range(num_layers):
-            p = f"layers.{i}."
-            self.layers.append(Gemma3Layer(
-                input_norm=norm(p + "input_layernorm.weight"),
-                qkv=Linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
-                                      reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
-                                      reader.get(p + "self_attn.v_proj.weight", (kv_out, d))])),
-                q_norm=norm(p + "self_attn.q_norm.weight", self.head_dim),
-                k_norm=norm(p + "self_attn.k_norm.weight", self.head_dim),
-                o_proj=Linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out))),
-                post_attention_norm=norm(p + "post_attention_layernorm.weight"),
-                pre_feedforward_norm=norm(p + "pre_feedforward_layernorm.weight"),
-                post_feedforward_norm=norm(p + "post_feedforward_layernorm.weight"),
-                gate_up=Linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
-                                          reader.get(p + "mlp.up_proj.weight", (inter, d))])),
-                down=Linear(reader.get(p + "mlp.down_proj.weight", (d, inter))),
-                sliding_window=config.sliding_window if layer_types[i] == "sliding_attention" else -1,
-                rotary=rotary[layer_types[i]],
-            ))
-        self.final_norm = Norm("rms_fp32", norm("norm.weight"), None, self.eps)
-        self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", True))
-        self.qkv_split = (q_out, kv_out, kv_out)
+        return Gemma3Layer(
+            input_norm=norm(p + "input_layernorm.weight"),
+            qkv=Linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
+                                  reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
+                                  reader.get(p + "self_attn.v_proj.weight", (kv_out, d))])),
+            q_norm=norm(p + "self_attn.q_norm.weight", self.head_dim),
+            k_norm=norm(p + "self_attn.k_norm.weight", self.head_dim),
+            o_proj=Linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out))),
+            post_attention_norm=norm(p + "post_attention_layernorm.weight"),
+            pre_feedforward_norm=norm(p + "pre_feedforward_layernorm.weight"),
+            post_feedforward_norm=norm(p + "post_feedforward_layernorm.weight"),
+            gate_up=Linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
+                                      reader.get(p + "mlp.up_proj.weight", (inter, d))])),
+            down=Linear(reader.get(p + "mlp.down_proj.weight", (d, inter))),
+            sliding_window=config.sliding_window if layer_type == "sliding_attention" else -1,
+            rotary=self._rotary[layer_type],
+        )
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens) * self.embed_scale

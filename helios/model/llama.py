@@ -52,44 +52,46 @@ class LlamaModel(DecoderModel):
         self.act = ACT2FN[config.hidden_act]
         self.scale = self.head_dim**-0.5
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        inter = config.intermediate_size
-        attn_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
-        layer_types = getattr(config, "layer_types", None)
-        window = getattr(config, "sliding_window", None) or -1
-
+        self.config = config
+        self.attn_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
-        self.layers: list[LlamaLayer] = []
-        for i in range(num_layers):
-            p = f"layers.{i}."
-
-            def bias(name: str, shape: tuple[int, ...], p: str = p) -> torch.Tensor | None:
-                return reader.get(p + name, shape) if attn_bias else None
-
-            sliding = layer_types is None and config.model_type == "mistral" or (
-                layer_types is not None and layer_types[i] == "sliding_attention")
-            self.layers.append(LlamaLayer(
-                input_norm=reader.get(p + "input_layernorm.weight", (d,)),
-                qkv=Linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
-                                      reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
-                                      reader.get(p + "self_attn.v_proj.weight", (kv_out, d))]),
-                           _cat_optional([bias("self_attn.q_proj.bias", (q_out,)),
-                                          bias("self_attn.k_proj.bias", (kv_out,)),
-                                          bias("self_attn.v_proj.bias", (kv_out,))])),
-                o_proj=Linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out)),
-                              reader.maybe(p + "self_attn.o_proj.bias", (d,))),
-                post_norm=reader.get(p + "post_attention_layernorm.weight", (d,)),
-                gate_up=Linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
-                                          reader.get(p + "mlp.up_proj.weight", (inter, d))]),
-                               _cat_optional([reader.maybe(p + "mlp.gate_proj.bias", (inter,)),
-                                              reader.maybe(p + "mlp.up_proj.bias", (inter,))])),
-                down=Linear(reader.get(p + "mlp.down_proj.weight", (d, inter)),
-                            reader.maybe(p + "mlp.down_proj.bias", (d,))),
-                sliding_window=window if sliding else -1,
-            ))
+        self.layers: list[LlamaLayer] = [self._load_layer(reader, i) for i in range(num_layers)]
         self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", False))
         self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device)
         self.qkv_split = (q_out, kv_out, kv_out)
+
+    def _load_layer(self, reader: WeightReader, i: int) -> LlamaLayer:
+        config, d, p = self.config, self.hidden_size, f"layers.{i}."
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        inter = config.intermediate_size
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None) or -1
+
+        def bias(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+            return reader.get(p + name, shape) if self.attn_bias else None
+
+        sliding = layer_types is None and config.model_type == "mistral" or (
+            layer_types is not None and layer_types[i] == "sliding_attention")
+        return LlamaLayer(
+            input_norm=reader.get(p + "input_layernorm.weight", (d,)),
+            qkv=Linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
+                                  reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
+                                  reader.get(p + "self_attn.v_proj.weight", (kv_out, d))]),
+                       _cat_optional([bias("self_attn.q_proj.bias", (q_out,)),
+                                      bias("self_attn.k_proj.bias", (kv_out,)),
+                                      bias("self_attn.v_proj.bias", (kv_out,))])),
+            o_proj=Linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out)),
+                          reader.maybe(p + "self_attn.o_proj.bias", (d,))),
+            post_norm=reader.get(p + "post_attention_layernorm.weight", (d,)),
+            gate_up=Linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
+                                      reader.get(p + "mlp.up_proj.weight", (inter, d))]),
+                           _cat_optional([reader.maybe(p + "mlp.gate_proj.bias", (inter,)),
+                                          reader.maybe(p + "mlp.up_proj.bias", (inter,))])),
+            down=Linear(reader.get(p + "mlp.down_proj.weight", (d, inter)),
+                        reader.maybe(p + "mlp.down_proj.bias", (d,))),
+            sliding_window=window if sliding else -1,
+        )
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)

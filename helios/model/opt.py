@@ -45,17 +45,9 @@ class OPTModel(DecoderModel):
         self.pre_norm = config.do_layer_norm_before
         self.act = ACT2FN[config.activation_function]
         proj_dim = config.word_embed_proj_dim
-        ffn = config.ffn_dim
-        affine = getattr(config, "layer_norm_elementwise_affine", True)
-        bias = getattr(config, "enable_bias", True)
-
-        def norm(prefix: str) -> Norm:
-            weight = reader.get(prefix + ".weight", (d,)) if affine else None
-            return Norm("layer", weight, reader.get(prefix + ".bias", (d,)) if affine else None, 1e-5)
-
-        def b(name: str, shape) -> torch.Tensor | None:
-            return reader.get(name, shape) if bias else None
-
+        self.config = config
+        self.affine = getattr(config, "layer_norm_elementwise_affine", True)
+        self.linear_bias = getattr(config, "enable_bias", True)
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, proj_dim))
         self.embed_positions = reader.get("embed_positions.weight")
         if max_positions > self.embed_positions.shape[0] - POSITION_OFFSET:
@@ -63,23 +55,33 @@ class OPTModel(DecoderModel):
                              f"({self.embed_positions.shape[0] - POSITION_OFFSET})")
         self.project_in = reader.get("project_in.weight", (d, proj_dim)) if proj_dim != d else None
         self.project_out = reader.get("project_out.weight", (proj_dim, d)) if proj_dim != d else None
-        self.layers: list[OPTLayer] = []
-        for i in range(num_layers):
-            p = f"layers.{i}."
-            qkv_bias = [b(p + f"self_attn.{n}_proj.bias", (d,)) for n in "qkv"]
-            self.layers.append(OPTLayer(
-                attn_norm=norm(p + "self_attn_layer_norm"),
-                qkv=Linear(torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
-                           torch.cat(qkv_bias) if bias else None),
-                out_proj=Linear(reader.get(p + "self_attn.out_proj.weight", (d, d)),
-                                b(p + "self_attn.out_proj.bias", (d,))),
-                mlp_norm=norm(p + "final_layer_norm"),
-                fc1=Linear(reader.get(p + "fc1.weight", (ffn, d)), b(p + "fc1.bias", (ffn,))),
-                fc2=Linear(reader.get(p + "fc2.weight", (d, ffn)), b(p + "fc2.bias", (d,))),
-            ))
+        self.layers: list[OPTLayer] = [self._load_layer(reader, i) for i in range(num_layers)]
         has_final = self.pre_norm and not getattr(config, "_remove_final_layer_norm", False)
-        self.final_norm = norm("final_layer_norm") if has_final else None
+        self.final_norm = self._norm(reader, "final_layer_norm") if has_final else None
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", True))
+
+    def _norm(self, reader: WeightReader, prefix: str) -> Norm:
+        d = self.hidden_size
+        weight = reader.get(prefix + ".weight", (d,)) if self.affine else None
+        return Norm("layer", weight, reader.get(prefix + ".bias", (d,)) if self.affine else None, 1e-5)
+
+    def _load_layer(self, reader: WeightReader, i: int) -> OPTLayer:
+        d, ffn, p = self.hidden_size, self.config.ffn_dim, f"layers.{i}."
+
+        def b(name: str, shape) -> torch.Tensor | None:
+            return reader.get(name, shape) if self.linear_bias else None
+
+        qkv_bias = [b(p + f"self_attn.{n}_proj.bias", (d,)) for n in "qkv"]
+        return OPTLayer(
+            attn_norm=self._norm(reader, p + "self_attn_layer_norm"),
+            qkv=Linear(torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
+                       torch.cat(qkv_bias) if self.linear_bias else None),
+            out_proj=Linear(reader.get(p + "self_attn.out_proj.weight", (d, d)),
+                            b(p + "self_attn.out_proj.bias", (d,))),
+            mlp_norm=self._norm(reader, p + "final_layer_norm"),
+            fc1=Linear(reader.get(p + "fc1.weight", (ffn, d)), b(p + "fc1.bias", (ffn,))),
+            fc2=Linear(reader.get(p + "fc2.weight", (d, ffn)), b(p + "fc2.bias", (d,))),
+        )
 
     def embed(self, input_ids, positions):
         hidden = F.embedding(input_ids, self.embed_tokens)

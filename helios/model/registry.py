@@ -33,9 +33,14 @@ def check_supported(config) -> None:
         raise ValueError(f"unsupported architecture {model_type!r} {archs}; helios supports: {', '.join(SUPPORTED)}")
 
 
+def weight_reader(config, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> WeightReader:
+    """A reader of this architecture's tensors (its name prefixes) in the serving dtype and device."""
+    check_supported(config)
+    return WeightReader(checkpoint, dtype, device, ARCHITECTURES[config.model_type][1])
+
+
 def load_model(config, checkpoint: Checkpoint, num_layers: int, max_positions: int, dtype: torch.dtype,
                device: torch.device, ops: PagedAttentionOps) -> DecoderModel:
-    check_supported(config)
-    cls, prefixes = ARCHITECTURES[config.model_type]
-    reader = WeightReader(checkpoint, dtype, device, prefixes)
+    cls = ARCHITECTURES[config.model_type][0] if config.model_type in ARCHITECTURES else None
+    reader = weight_reader(config, checkpoint, dtype, device)
     return cls(config, reader, num_layers, max_positions, ops)

@@ -1,0 +1,491 @@
+"""ControlledEngine: the HELIOS loop over engines, with LLMEngine's interface (LLM drives it the same way).
+
+Cold start: candidates are profiled one after another, each serving the next `profile_requests` live requests
+at full depth with every probe exit evaluated (helios.engine.probes); requests that arrive before the first
+selection wait (the documented stall: one candidate's profiling run). Then the selector picks model M, depth L,
+exits and thresholds (helios.control.selector); only layers 1..L of M are loaded and the KV pool is sized for
+them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
+`breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
+Every `reprofile_interval` requests (and on set_slo) the candidates are profiled again beside the active
+deployment, which keeps serving all other traffic.
+
+Nothing is lost: a request moves between engines whole. With the same tokenizer, its sequences are released by
+one engine and adopted by the other (re-prefilled from their tokens); across tokenizers, each sample's text so
+far becomes a fixed prefix and a new sequence continues from prompt + that text. The text already returned
+never changes. A request never mixes two models' K/V: each engine holds its own pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helios.config import EngineConfig
+from helios.control.events import EventLog
+from helios.control.monitor import BreachMonitor
+from helios.control.profile import build_profile
+from helios.control.repository import ModelFacts, ModelRepository
+from helios.control.requests import ControlledRequest, ControlledSeq
+from helios.control.selector import Plan, estimate_seconds, live_threshold, never_breach, plan_candidate, select
+from helios.control.slo import SLO
+from helios.engine.engine import LLMEngine
+from helios.engine.outputs import RequestOutput
+from helios.engine.probes import ProbeLog
+from helios.engine.prompts import parse_prompt
+from helios.exits.config import ExitPolicy
+from helios.sampling_params import SamplingParams
+
+HORIZON_TOKENS = 1000  # tokens over which growing and switching are compared
+
+
+def locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def tokenizer_key(tokenizer) -> str:
+    """Equal keys: the same token ids mean the same text, so sequences can move by token ids."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}:{len(vocab)}:{digest}"
+
+
+def probe_layers(total: int, count: int, extra: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
+    """`count` layers spread evenly over 1..total-1, plus any layers with trained exit heads."""
+    grid = {max(1, round(total * k / (count + 1))) for k in range(1, count + 1)}
+    return tuple(sorted(x for x in grid | set(extra) if 1 <= x < total))
+
+
+@dataclass
+class ProfilingRun:
+    model: str
+    engine: LLMEngine
+    log: ProbeLog
+    requests: list[ControlledRequest] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Deployment:
+    model: str
+    engine: LLMEngine
+    plan: Plan
+
+
+class ControlledEngine:
+    def __init__(self, configs: list[EngineConfig], slo: SLO, repository: str | Path | None = None):
+        if not configs:
+            raise ValueError("the control plane needs at least one candidate model")
+        names = [str(c.model) for c in configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate models must differ: {names}")
+        self.configs = dict(zip(names, configs, strict=True))
+        self.slo = slo
+        self.repository = ModelRepository(repository)
+        self.events = EventLog()
+        self.lock = threading.RLock()
+        self._engine_request_ids = itertools.count()  # shared: requests move between engines
+        self._request_ids = itertools.count()
+        self.requests: dict[str, ControlledRequest] = {}
+        self.pending: deque[ControlledRequest] = deque()  # waiting for the first deployment
+        self.active: Deployment | None = None
+        self.profiling: ProfilingRun | None = None
+        self.to_profile: deque[str] = deque()
+        self.requests_since_profile = 0
+        self.monitor = BreachMonitor(slo.breach_window, slo.max_breaches)
+        self._owner: dict[int, ControlledSeq] = {}  # engine seq_id -> the controlled sample it carries
+        self._tokenizer_keys: dict[str, str] = {}
+        # the first loadable candidate is built now (bad arguments fail here); its tokenizer reads incoming prompts
+        self._start_round("cold start")
+        if self.profiling is None:
+            raise RuntimeError(f"no candidate could be loaded for profiling ({self.events.events[-1].reason})")
+        self.tokenizer = self.profiling.engine.tokenizer
+        self.tokenizer_key = self._tokenizer_keys[self.profiling.model]
+        self.source = self.profiling.engine.source
+
+    # ---- engines ------------------------------------------------------------------------------------------------
+    def _build(self, model: str, **changes) -> LLMEngine:
+        config = dataclasses.replace(self.configs[model], **changes)
+        started = time.perf_counter()
+        engine = LLMEngine(config, request_ids=self._engine_request_ids)
+        seconds = time.perf_counter() - started
+        m = engine.model
+        self._tokenizer_keys.setdefault(model, tokenizer_key(engine.tokenizer))
+        self.repository.set_facts(ModelFacts(
+            name=model, total_layers=m.total_layers, bytes_per_layer=m.layer_bytes / m.loaded_layers,
+            fixed_bytes=m.weight_bytes - m.layer_bytes,
+            kv_bytes_per_token_per_layer=engine.kv_bytes_per_token // m.loaded_layers,
+            tokenizer=self._tokenizer_keys[model], load_seconds_per_layer=seconds / m.loaded_layers))
+        return engine
+
+    def _start_round(self, reason: str) -> None:
+        self.to_profile = deque(self.configs)
+        self.requests_since_profile = 0
+        self.events.add("reassess", reason, candidates=list(self.configs))
+        self._next_profile()
+
+    def _next_profile(self) -> None:
+        while self.to_profile:
+            model = self.to_profile.popleft()
+            try:
+                engine = self._build(model, num_layers=None, enable_prefix_caching=False)
+                heads = engine.model.exit_heads
+                engine.set_exit_policy(None)
+                log = ProbeLog(probe_layers(engine.model.total_layers, self.slo.probe_layers,
+                                            heads.layers if heads is not None else ()))
+                engine.set_probes(log)
+            except Exception as e:  # a candidate that cannot load is skipped, the rest go on
+                self.events.add("failure", f"loading {model} for profiling failed: {e}", model=model)
+                continue
+            self.profiling = ProfilingRun(model, engine, log)
+            self.events.add("profile", f"profiling {model} on the next {self.slo.profile_requests} requests",
+                            model=model, probe_layers=list(log.layers))
+            while self.pending and len(self.profiling.requests) < self.slo.profile_requests:
+                self._profile_on(self.pending.popleft())  # requests waiting since the cold start go first
+            return
+        self.profiling = None
+
+    # ---- requests (LLMEngine's interface) -------------------------------------------------------------------------
+    def make_request(self, prompt, params: SamplingParams) -> ControlledRequest:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        params = params.clone()
+        vocab = len(self.tokenizer)
+        text, token_ids = parse_prompt(prompt, self.tokenizer, vocab)
+        if text is None:
+            text = self.tokenizer.decode(token_ids)
+        return ControlledRequest(f"c{next(self._request_ids)}", text, token_ids, params)
+
+    @locked
+    def add_request(self, request: ControlledRequest) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} was added already")
+        self.requests[request.request_id] = request
+        self.requests_since_profile += 1
+        if self.requests_since_profile >= self.slo.reprofile_interval and self.profiling is None:
+            self._start_round(f"{self.requests_since_profile} requests since the last profile (RI)")
+        run = self.profiling
+        if run is not None and len(run.requests) < self.slo.profile_requests:
+            self._profile_on(request)
+        elif self.active is not None:
+            self._route(request, self.active.engine, self.active.model)
+        else:
+            self.pending.append(request)
+
+    def _profile_on(self, request: ControlledRequest) -> None:
+        run = self.profiling
+        run.requests.append(request)
+        request.profiled_by = run.model
+        self._route(request, run.engine, run.model)
+
+    def _route(self, request: ControlledRequest, engine: LLMEngine, model: str) -> None:
+        """Hands a request (all its samples) to an engine, by token ids when the tokenizer is the first
+        candidate's, else by text."""
+        same = self._tokenizer_keys.get(model) == self.tokenizer_key
+        prompt = {"prompt": request.prompt_text, "prompt_token_ids": request.prompt_token_ids} if same \
+            else request.prompt_text
+        try:
+            inner = engine.make_request(prompt, request.params)
+        except ValueError as e:  # e.g. too long for this model: the request ends, visibly
+            for cseq in request.seqs:
+                cseq.failed = str(e)
+            self.events.add("failure", f"request {request.request_id} cannot run on {model}: {e}", model=model)
+            return
+        engine.add_request(inner)
+        for cseq, seq in zip(request.seqs, inner.seqs, strict=True):
+            self._attach(cseq, engine, inner, seq, model)
+
+    def _attach(self, cseq: ControlledSeq, engine: LLMEngine, inner, seq, model: str) -> None:
+        cseq.engine, cseq.inner, cseq.seq = engine, inner, seq
+        if not cseq.models or cseq.models[-1] != model:
+            cseq.models.append(model)
+        self._owner[seq.seq_id] = cseq
+
+    @locked
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request in self.pending:
+            self.pending.remove(request)
+        for cseq in request.seqs:
+            if cseq.seq is None:
+                cseq.failed = cseq.failed or "aborted"
+            elif not cseq.seq.is_finished:
+                cseq.engine.abort(cseq.inner.request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return any(not r.is_finished for r in self.requests.values())
+
+    @locked
+    def output(self, request: ControlledRequest) -> RequestOutput:
+        return request.output()
+
+    @locked
+    def stable_text(self, cseq: ControlledSeq) -> str:
+        return cseq.stable_text()
+
+    @locked
+    def reset_prefix_cache(self) -> None:
+        if self.active is not None:
+            self.active.engine.reset_prefix_cache()
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    @locked
+    def step(self) -> list:
+        if self.active is None and self.profiling is None and self.pending:
+            raise RuntimeError("no candidate could be profiled and nothing is deployed: see stats()['events']")
+        run = self.profiling
+        if run is not None and run.engine.has_unfinished():
+            started = time.perf_counter()
+            run.engine.step()
+            run.seconds += time.perf_counter() - started
+        if self.active is not None and self.active.engine.has_unfinished():
+            tripped = False
+            for seq in self.active.engine.step():
+                tripped |= self.monitor.observe(seq.last_breach)
+            if tripped:
+                self._react()
+        self._forget_finished()
+        # a run with fewer requests than a profile needs waits for more traffic
+        if run is not None and run is self.profiling and len(run.requests) >= self.slo.profile_requests \
+                and not run.engine.has_unfinished():
+            self._finish_profile(run)
+        return []
+
+    def _forget_finished(self) -> None:
+        for request_id in [rid for rid, r in self.requests.items() if r.is_finished]:
+            request = self.requests.pop(request_id)
+            for cseq in request.seqs:
+                if cseq.seq is not None:
+                    self._owner.pop(cseq.seq.seq_id, None)
+
+    def _finish_profile(self, run: ProfilingRun) -> None:
+        tokenizer = run.engine.tokenizer
+        prompt_bytes, output_bytes = {}, {}
+        for request in run.requests:
+            for cseq in request.seqs:
+                if cseq.inner is None or cseq.engine is not run.engine:
+                    continue
+                inner = cseq.inner
+                prompt_bytes[inner.request_id] = len(tokenizer.decode(inner.prompt_token_ids[1:],
+                                                                      skip_special_tokens=True).encode())
+                output_bytes[inner.request_id] = output_bytes.get(inner.request_id, 0) + len(
+                    run.engine.outputs.text(cseq.seq).encode())
+        profile = build_profile(run.model, run.engine.model.total_layers, run.log, run.seconds, prompt_bytes,
+                                output_bytes, len(run.requests))
+        self.repository.record(profile)
+        self.events.add("profile", f"profiled {run.model}", **profile.summary())
+        self.profiling = None
+        del run.engine  # the full-depth copy is released
+        self._next_profile()
+        if self.profiling is None:
+            self._reselect("profiles complete")
+
+    # ---- selection and deployment ------------------------------------------------------------------------------------
+    def _plans(self) -> list[Plan]:
+        plans = []
+        for name, candidate in self.repository.candidates.items():
+            if name in self.configs and candidate.latest is not None:
+                config = self.configs[name]
+                plans.append(plan_candidate(candidate.latest, candidate.facts, self.slo, config.memory_budget,
+                                            config.max_model_len or 2048))
+        return plans
+
+    def _reselect(self, reason: str) -> None:
+        plans = self._plans()
+        if not plans:
+            self.events.add("failure", "no candidate has a profile: nothing to select")
+            return
+        for plan in plans:
+            self.events.add("calibrate", f"live thresholds for {plan.model} at target precision "
+                            f"{self.slo.target_precision}", **plan.summary())
+        chosen = select(plans, self.slo)
+        self.events.add("select", f"{reason}: {chosen.reason}", **chosen.summary())
+        self._deploy(chosen)
+
+    def _policy(self, plan: Plan) -> ExitPolicy:
+        confidence = self.repository.candidates[plan.model].latest.confidence
+        layers = (*plan.exits, plan.depth)
+        return ExitPolicy(confidence, layers, {x: plan.thresholds[x] for x in layers})
+
+    def _deploy(self, plan: Plan) -> None:
+        """Serves `plan`: the same model deeper grows in place, anything else is a new engine that the running
+        requests move to. On failure the current deployment keeps serving."""
+        active = self.active
+        try:
+            if active is not None and active.model == plan.model and active.plan.depth == plan.depth:
+                active.engine.set_exit_policy(self._policy(plan))
+                active.plan = plan
+            elif active is not None and active.model == plan.model and plan.depth > active.plan.depth:
+                self._grow(plan, "selection")
+            else:
+                engine = self._build(plan.model, num_layers=plan.depth)
+                engine.set_exit_policy(self._policy(plan))
+                self.events.add("truncate", f"loaded layers 1..{plan.depth} of {plan.model}", model=plan.model,
+                                depth=plan.depth, total_layers=engine.model.total_layers,
+                                weight_bytes=engine.model.weight_bytes, kv_blocks=engine.kv_cache.num_blocks,
+                                max_concurrent_seqs=engine.stats()["max_concurrent_seqs"])
+                self._move_all(active, Deployment(plan.model, engine, plan))
+        except Exception as e:
+            self.events.add("failure", f"deploying {plan.model} at depth {plan.depth} failed: {e}; the current "
+                            "configuration keeps serving", model=plan.model, depth=plan.depth)
+            return
+        self.monitor.reset()
+        while self.pending and self.active is not None:
+            request = self.pending.popleft()
+            if request.request_id in self.requests:
+                self._route(request, self.active.engine, self.active.model)
+
+    def _grow(self, plan: Plan, reason: str) -> None:
+        active = self.active
+        before = active.plan.depth
+        started = time.perf_counter()
+        active.engine.grow(plan.depth, self._policy(plan))
+        seconds = time.perf_counter() - started
+        facts = self.repository.candidates[active.model].facts
+        facts.load_seconds_per_layer = seconds / (plan.depth - before)
+        active.plan = plan
+        self.events.add("grow", f"{reason}: layers {before + 1}..{plan.depth} of {active.model} loaded",
+                        model=active.model, depth_before=before, depth=plan.depth, seconds=round(seconds, 3),
+                        kv_blocks=active.engine.kv_cache.num_blocks)
+
+    def _move_all(self, old: Deployment | None, new: Deployment, reason: str = "") -> None:
+        """Every unfinished request of the old deployment continues on the new one; the old engine is released."""
+        self.active = new
+        if old is None:
+            return
+        same = self._tokenizer_keys.get(old.model) == self._tokenizer_keys.get(new.model)
+        moved = 0
+        for request_id in list(old.engine.requests):
+            inner = old.engine.requests[request_id]
+            owners = [self._owner.get(seq.seq_id) for seq in inner.seqs]
+            if same:
+                new.engine.adopt(old.engine.release(request_id))
+                for cseq, seq in zip(owners, inner.seqs, strict=True):
+                    if cseq is not None:
+                        self._attach(cseq, new.engine, inner, seq, new.model)
+            else:
+                for cseq, seq in zip(owners, inner.seqs, strict=True):
+                    if cseq is None or seq.is_finished:
+                        continue
+                    cseq.carry_over()
+                    request = next(r for r in self.requests.values() if cseq in r.seqs)
+                    continued = new.engine.make_request(request.prompt_text + cseq.prefix_text,
+                                                        cseq.remaining_params(request.params))
+                    new.engine.add_request(continued)
+                    self._attach(cseq, new.engine, continued, continued.seqs[0], new.model)
+                old.engine.abort(request_id)
+            moved += 1
+        kind = "switch" if old.model != new.model else "truncate"
+        moved_how = "by token ids" if same else "as text"
+        self.events.add(kind, f"{reason}{'; ' if reason else ''}{moved} in-flight requests moved from {old.model} "
+                        f"(depth {old.plan.depth}) to {new.model} (depth {new.plan.depth}) {moved_how}",
+                        model_before=old.model, model=new.model, depth=new.plan.depth, moved=moved)
+
+    def _react(self) -> None:
+        """The breach monitor tripped: grow the depth or switch, whichever the cost model says is cheaper over
+        the next HORIZON_TOKENS tokens (load time + re-prefill of the in-flight tokens + serving time)."""
+        active = self.active
+        breach = {"breaches": self.monitor.breaches, "window": len(self.monitor.window)}
+        inflight = sum(seq.num_tokens for r in active.engine.requests.values() for seq in r.seqs
+                       if not seq.is_finished)
+        options = []
+        profile = self.repository.candidates[active.model].latest
+        deeper = [x for x in profile.layers if x > active.plan.depth] + [profile.total_layers]
+        if active.plan.depth < profile.total_layers:
+            depth = deeper[0]
+            plan = dataclasses.replace(active.plan, depth=depth, exits=(), thresholds=dict(active.plan.thresholds))
+            plan.thresholds[depth] = _threshold_at(profile, depth, self.slo)
+            facts = self.repository.candidates[active.model].facts
+            load = (depth - active.plan.depth) * (facts.load_seconds_per_layer or 0.0)
+            per_token = estimate_seconds(profile, depth, (), {})
+            cost = load + _reprefill_seconds(profile, inflight, depth) + HORIZON_TOKENS * per_token
+            options.append((cost, "grow", plan, {"load_s": round(load, 3), "per_token_s": per_token}))
+        for plan in self._plans():
+            if plan.model == active.model:
+                continue
+            candidate = self.repository.candidates[plan.model]
+            load = plan.depth * (candidate.facts.load_seconds_per_layer or 0.0)
+            cost = load + _reprefill_seconds(candidate.latest, inflight, plan.depth) \
+                + HORIZON_TOKENS * plan.seconds_per_token
+            options.append((cost, "switch", plan, {"load_s": round(load, 3), "per_token_s": plan.seconds_per_token}))
+        self.monitor.reset()
+        if not options:
+            self.events.add("failure", "breach limit exceeded at full depth with no other candidate: nothing to do",
+                            **breach)
+            return
+        cost, action, plan, numbers = min(options, key=lambda o: o[0])
+        reason = (f"{breach['breaches']} breaches in {breach['window']} tokens > {self.slo.max_breaches}: {action} is "
+                  f"cheapest ({round(cost, 3)} s for {HORIZON_TOKENS} tokens)")
+        alternatives = {f"{a}:{p.model}@{p.depth}": round(c, 3) for c, a, p, _ in options}
+        try:
+            if action == "grow":
+                self._grow(plan, reason)
+            else:
+                engine = self._build(plan.model, num_layers=plan.depth)
+                engine.set_exit_policy(self._policy(plan))
+                self._move_all(active, Deployment(plan.model, engine, plan), reason)
+        except Exception as e:
+            self.events.add("failure", f"{action} to {plan.model}@{plan.depth} failed: {e}; keeping "
+                            f"{active.model}@{active.plan.depth}", **breach)
+            return
+        self.events.events[-1].data.update(costs=alternatives, **numbers, **breach)
+
+    # ---- SLO and telemetry -------------------------------------------------------------------------------------------
+    @locked
+    def set_slo(self, slo: SLO | str | dict) -> None:
+        self.slo = SLO.parse(slo)
+        self.monitor = BreachMonitor(self.slo.breach_window, self.slo.max_breaches)
+        if self.profiling is None:
+            self._start_round("the SLO changed")
+
+    @locked
+    def stats(self) -> dict:
+        active = self.active
+        engine_stats = active.engine.stats() if active is not None else {}
+        return {
+            **engine_stats,
+            "control": {
+                "slo": dataclasses.asdict(self.slo),
+                "active_model": None if active is None else active.model,
+                "depth": None if active is None else active.plan.depth,
+                "exits": None if active is None else list(active.plan.exits),
+                "thresholds": None if active is None else active.plan.thresholds,
+                "profiling": None if self.profiling is None else self.profiling.model,
+                "pending_requests": len(self.pending),
+                "breach_rate": round(self.monitor.rate, 4),
+                "breaches_total": self.monitor.total_breaches,
+                "tokens_monitored": self.monitor.total_tokens,
+                "pht": self.repository.pht(),
+                "event_counts": dict(self.events.counts),
+            },
+            "events": self.events.as_dicts(),
+        }
+
+
+def _threshold_at(profile, layer: int, slo: SLO) -> float:
+    """The live threshold at a deeper layer; at the last layer, or where no threshold reaches the target, one that
+    every token passes (the next breaches would only trigger the same action again)."""
+    if layer >= profile.total_layers or layer not in profile.pairs:
+        return never_breach(profile.confidence)
+    value = live_threshold(profile.exit_stats(), layer, slo.target_precision, slo.min_exits)
+    return never_breach(profile.confidence) if value is None else value
+
+
+def _reprefill_seconds(profile, tokens: int, depth: int) -> float:
+    """Re-prefilling `tokens` through `depth` layers, each token priced as one decode row of the profiled batch
+    (an upper bound: prefill rows share each weight read)."""
+    return tokens * depth * profile.seconds_per_layer / max(1.0, profile.rows_per_step)

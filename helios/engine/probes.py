@@ -1,0 +1,81 @@
+"""Profiling probes: while a profile is being taken, every generated token is also evaluated at every probe exit
+layer (confidence, and whether that exit's top-1 token equals the final layer's), the prompt's and the output's
+negative log-likelihood under the full model are kept, and layer and exit-check time are measured. The control
+plane turns these records into live thresholds, a depth, an exit set and a cost model.
+
+The runner fills a ProbeLog at full depth; it never changes which token a sequence gets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from helios.model.base import DecoderModel
+
+PROMPT_CHUNK = 256  # prompt rows whose [rows, vocab] logits exist at once
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work, so that host timers measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class ProbeLog:
+    layers: tuple[int, ...]  # the probed exit layers (1-based, below the loaded depth)
+    confidence: str = "max_prob"
+    values: dict[int, list[float]] = field(default_factory=dict)  # per layer, per token: the confidence measure
+    agree: dict[int, list[bool]] = field(default_factory=dict)  # per layer, per token: top-1 == final top-1
+    output_nats: dict[str, list[float]] = field(default_factory=dict)  # request id -> -ln p of each output token
+    prompt_nats: dict[str, float] = field(default_factory=dict)  # request id -> -ln p of prompt tokens 1..n-1
+    layer_seconds: float = 0.0  # time in the layer stack, summed over steps
+    layer_steps: int = 0  # layer applications timed (steps x loaded layers)
+    check_seconds: float = 0.0  # time of exit checks (fused exit head on the batch's last rows)
+    check_steps: int = 0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            self.values.setdefault(layer, [])
+            self.agree.setdefault(layer, [])
+
+    @property
+    def seconds_per_layer(self) -> float:
+        return self.layer_seconds / max(1, self.layer_steps)
+
+    @property
+    def seconds_per_check(self) -> float:
+        return self.check_seconds / max(1, self.check_steps)
+
+    def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor) -> None:
+        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head)."""
+        for layer in self.layers:
+            synchronize(final_tokens.device)
+            start = time.perf_counter()
+            token, p1, p2, entropy = model.exit_head(states[layer], layer)
+            synchronize(final_tokens.device)
+            self.check_seconds += time.perf_counter() - start
+            self.check_steps += 1
+            measure = {"max_prob": p1, "margin": p1 - p2, "entropy": entropy}[self.confidence]
+            self.values[layer].extend(measure.float().tolist())
+            self.agree[layer].extend((token == final_tokens).tolist())
+        self.tokens += len(final_tokens)
+
+    def record_outputs(self, request_ids: list[str], log_probs: torch.Tensor, tokens: list[int]) -> None:
+        """-ln p of each chosen token under the full-depth distribution (log_probs: [rows, vocab])."""
+        chosen = log_probs.gather(1, torch.tensor(tokens, device=log_probs.device)[:, None])[:, 0].tolist()
+        for request_id, value in zip(request_ids, chosen, strict=True):
+            self.output_nats.setdefault(request_id, []).append(-value)
+
+    def record_prompt(self, model: DecoderModel, request_id: str, hidden: torch.Tensor, prompt_ids: list[int]) -> None:
+        """-ln p of prompt tokens 1..n-1 given positions 0..n-2 (hidden: those positions' last-layer states)."""
+        nats = 0.0
+        for start in range(0, len(prompt_ids) - 1, PROMPT_CHUNK):
+            log_probs = model.compute_logits(hidden[start:start + PROMPT_CHUNK]).float().log_softmax(-1)
+            targets = torch.tensor(prompt_ids[start + 1:start + 1 + PROMPT_CHUNK], device=log_probs.device)
+            nats -= float(log_probs.gather(1, targets[:, None]).sum())
+        self.prompt_nats[request_id] = nats

@@ -1,0 +1,345 @@
+"""The control plane on tiny models: truncation reads only the chosen layers, depth growth equals a model of the new
+depth, live calibration, selection rules, and domain shifts that trigger growth or a switch without losing a
+request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from helios import LLM, SamplingParams
+from helios.config import EngineConfig
+from helios.control import SLO
+from helios.control.profile import Profile
+from helios.control.repository import ModelFacts, ModelRepository
+from helios.control.selector import choose_depth, choose_exits, live_threshold, plan_candidate, select
+from helios.engine.engine import LLMEngine
+from helios.exits.thresholds import ExitStats
+from helios.model import checkpoint as checkpoint_module
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+DOMAIN_A = ["The quick brown fox", "She sells sea shells", "Once upon a time there was"]
+DOMAIN_B = ["Numbers: 1 2 3 4 5", "A B C D E F", "def add(a, b):"]
+
+
+# ---- tiny candidates whose confidence depends on the prompt's domain -------------------------------------------
+def domain_checkpoint(directory: Path, confident: list[str], tokenizer=None, layers: int = 6) -> Path:
+    """A Llama whose layers add nothing (o_proj and down_proj are zero), so every exit sees the embedding and agrees
+    with the last layer. Tokens of the `confident` texts embed onto an LM-head row (the next token is confident and
+    again such a token); every other token embeds to zero (uniform logits, max prob 1/vocab). A workload of other
+    text makes every token a breach at any truncated depth."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = tokenizer or make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=80, num_hidden_layers=layers,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    successor: dict[int, int] = {}  # each token of the confident texts predicts the token after it there
+    for text in confident:
+        ids = [t for t in tokenizer.encode(text) if t > 2]
+        for token, nxt in zip(ids, ids[1:] + ids[:1], strict=True):
+            successor.setdefault(token, nxt)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.normal_(0, 1)
+        embed = model.model.embed_tokens.weight
+        embed.zero_()
+        for token, nxt in successor.items():
+            embed[token] = head[nxt]
+        model.model.norm.weight.fill_(1.0)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def domain_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("domains")
+    return {"a": domain_checkpoint(root / "a", DOMAIN_A), "b": domain_checkpoint(root / "b", DOMAIN_B)}
+
+
+SMALL_SLO = dict(profile_requests=2, breach_window=20, max_breaches=10, min_exits=5, probe_layers=3,
+                 reprofile_interval=1000)
+
+
+# ---- truncation and growth -------------------------------------------------------------------------------------
+def _reads(monkeypatch) -> list[str]:
+    names: list[str] = []
+    original = checkpoint_module.Checkpoint.get
+
+    def get(self, name, dtype, device):
+        names.append(name)
+        return original(self, name, dtype, device)
+
+    monkeypatch.setattr(checkpoint_module.Checkpoint, "get", get)
+    return names
+
+
+def _layers_read(names: list[str]) -> set[int]:
+    return {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
+
+
+def test_truncation_and_growth_read_only_their_layers(checkpoints, monkeypatch):
+    names = _reads(monkeypatch)
+    engine = LLMEngine(EngineConfig(checkpoints["llama"], num_layers=2, kv_cache_blocks=32))
+    assert _layers_read(names) == {0, 1}
+    names.clear()
+    engine.grow(4)
+    assert _layers_read(names) == {2, 3} and not any("embed" in n or "lm_head" in n for n in names)
+    assert engine.model.loaded_layers == 4 and engine.kv_cache.num_layers == 4
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_tokens_after_growth_equal_a_model_of_the_new_depth(checkpoints, kind):
+    engine = LLMEngine(EngineConfig(checkpoints[kind], num_layers=2, kv_cache_blocks=64))
+    request = engine.make_request("The quick brown fox", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    engine.add_request(request)
+    for _ in range(6):
+        engine.step()
+    seq = request.seqs[0]
+    before = list(seq.token_ids)
+    engine.grow(4)
+    assert engine.stats()["kv_blocks_free"] < engine.stats()["kv_blocks_total"] or engine.has_unfinished()
+    while engine.has_unfinished():
+        engine.step()
+    after = seq.token_ids[len(before):]
+    deep = LLM(checkpoints[kind], num_layers=4, kv_cache_blocks=64)
+    (out,) = deep.generate([{"prompt_token_ids": before}],
+                           SamplingParams(temperature=0, max_tokens=len(after), ignore_eos=True), use_tqdm=False)
+    assert after == out.outputs[0].token_ids
+    assert engine.kv_cache.allocator.num_free == engine.kv_cache.num_blocks  # nothing leaked across the re-lay
+
+
+def test_failed_growth_keeps_serving(checkpoints):
+    engine = LLMEngine(EngineConfig(checkpoints["llama"], num_layers=2, kv_cache_blocks=32))
+    request = engine.make_request("Water boils at", GREEDY)
+    engine.add_request(request)
+    engine.step()
+    with pytest.raises(ValueError, match="cannot grow"):
+        engine.grow(9)
+    assert engine.model.loaded_layers == 2 and len(engine.model.layers) == 2
+    while engine.has_unfinished():
+        engine.step()
+    assert len(request.seqs[0].output_token_ids) == GREEDY.max_tokens
+
+
+# ---- live calibration and selection ------------------------------------------------------------------------------
+def _brute_force(values: torch.Tensor, agree: torch.Tensor, target: float, min_exits: int) -> float | None:
+    best = None
+    for t in sorted(set(values.tolist())):
+        chosen = values >= t
+        n = int(chosen.sum())
+        if n >= min_exits and int(agree[chosen].sum()) / n >= target:
+            best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_live_threshold_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(300, generator=g).round(decimals=2)
+    agree = torch.rand(300, generator=g) < values  # more confident, more often right
+    stats = ExitStats("max_prob", {3: values}, {3: agree})
+    for target in (0.7, 0.85, 0.95):
+        got = live_threshold(stats, 3, target, 10)
+        want = _brute_force(values, agree, target, 10)
+        assert got == pytest.approx(want) if want is not None else got is None
+
+
+def _profile(pairs: dict[int, tuple[torch.Tensor, torch.Tensor]], total: int = 8, per_layer: float = 1.0,
+             per_check: float = 2.0, model: str = "m", prompt_bpb: float = 1.0) -> Profile:
+    return Profile(model=model, total_layers=total, requests=5, tokens=len(next(iter(pairs.values()))[0]),
+                   seconds=10.0, seconds_per_layer=per_layer, seconds_per_check=per_check, rows_per_step=4.0,
+                   prompt_bpb=prompt_bpb, output_bpb=1.0, confidence="max_prob",
+                   pairs={k: {"values": v.tolist(), "agree": a.tolist()} for k, (v, a) in pairs.items()})
+
+
+def test_live_thresholds_meet_the_target_where_offline_ones_are_overconfident():
+    """Offline calibration on one kind of text picks a threshold that live traffic of another kind fails; the
+    threshold calibrated on the first half of live traffic holds on the second half."""
+    g = torch.Generator().manual_seed(0)
+
+    def traffic(n, power):
+        values = torch.rand(n, generator=g)
+        return values, torch.rand(n, generator=g) < values ** power  # P(right | confidence v) = v ** power
+
+    off_values, off_agree = traffic(2000, 1)
+    offline = ExitStats("max_prob", {4: off_values}, {4: off_agree})
+    offline_threshold = live_threshold(offline, 4, 0.9, 20)
+    live_values, live_agree = traffic(40000, 3)  # live text: the same confidence is right less often
+    first, second = slice(0, 20000), slice(20000, 40000)
+    live = ExitStats("max_prob", {4: live_values[first]}, {4: live_agree[first]})
+    live_thr = live_threshold(live, 4, 0.9, 20)
+
+    def precision(threshold):
+        chosen = live_values[second] >= threshold
+        return float(live_agree[second][chosen].float().mean())
+
+    assert precision(offline_threshold) < 0.85
+    assert precision(live_thr) >= 0.88  # the target 0.9, within the sampling noise of ~2000 confident tokens
+
+
+def test_depth_is_the_smallest_layer_covering_the_target_share():
+    n = 400
+    confident = torch.ones(n)
+    half = torch.cat([torch.ones(n // 2), torch.zeros(n // 2)])
+    right, wrong_half = torch.ones(n, dtype=torch.bool), torch.cat([torch.ones(n // 2), torch.zeros(n // 2)]).bool()
+    profile = _profile({2: (half, wrong_half), 4: (confident * 0.95, right), 6: (confident, right)})
+    depth, threshold, coverage = choose_depth(profile, SLO(coverage=0.9))
+    assert (depth, coverage) == (4, 1.0) and threshold == pytest.approx(0.95)
+    # nothing covers 0.9 -> the whole model
+    low = _profile({2: (half, wrong_half)})
+    assert choose_depth(low, SLO(coverage=0.9))[0] == 8
+
+
+def test_an_intermediate_exit_is_kept_only_when_it_pays_for_its_check():
+    n = 400
+    at2 = torch.cat([torch.ones(n // 2), torch.zeros(n // 2)])  # half the tokens leave confidently at layer 2
+    right = torch.ones(n, dtype=torch.bool)
+    pairs = {2: (at2, at2 > 0.5), 6: (torch.ones(n), right)}  # the unconfident half is wrong at layer 2
+    # saving 0.5 x (6 - 2) x 1.0 s = 2 s per token > 1 x 1.0 s check: kept
+    assert choose_exits(_profile(pairs, per_check=1.0), 6, SLO())[0] == (2,)
+    # the same exit with a check costing 3 s: dropped
+    assert choose_exits(_profile(pairs, per_check=3.0), 6, SLO())[0] == ()
+
+
+def test_selection_follows_the_objective_under_the_quality_guard():
+    n = 200
+    right = torch.ones(n, dtype=torch.bool)
+    fast = _profile({2: (torch.ones(n), right)}, model="fast", per_layer=0.5, prompt_bpb=2.0)
+    good = _profile({4: (torch.ones(n), right)}, model="good", prompt_bpb=1.0)
+    facts = ModelFacts("x", 8, bytes_per_layer=1000, fixed_bytes=500, kv_bytes_per_token_per_layer=10, tokenizer="t")
+    plans = [plan_candidate(p, facts, SLO(), memory_budget=10**6, max_model_len=100) for p in (fast, good)]
+    # "fast" is 2x worse in bits per byte: outside the 10% tolerance, so the guard leaves only "good"
+    assert select(plans, SLO(bpb_tolerance=0.1)).model == "good"
+    assert select(plans, SLO(bpb_tolerance=2.0)).model == "fast"
+    memory = select(plans, SLO(objective="memory", bpb_tolerance=2.0))
+    assert memory.max_seqs == max(p.max_seqs for p in plans)
+
+
+def test_repository_persists_facts_and_profiles(tmp_path):
+    path = tmp_path / "repo.json"
+    repo = ModelRepository(path)
+    repo.set_facts(ModelFacts("m", 8, 10.0, 5, 2, "tok", 0.01))
+    n = 50
+    repo.record(_profile({2: (torch.rand(n), torch.ones(n, dtype=torch.bool))}))
+    warm = ModelRepository(path)
+    assert warm.candidates["m"].facts == repo.candidates["m"].facts
+    assert warm.pht() == repo.pht() and warm.candidates["m"].latest.layers == [2]
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a helios model repository"):
+        ModelRepository(path)
+
+
+def test_slo_validation():
+    with pytest.raises(ValueError, match="objective"):
+        SLO(objective="speed")
+    with pytest.raises(ValueError, match="max_breaches"):
+        SLO(breach_window=10, max_breaches=10)
+    with pytest.raises(ValueError, match="target_precision"):
+        SLO(target_precision=0)
+    assert SLO.parse("latency").objective == "latency"
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+def test_llm_arguments_for_the_control_plane(checkpoints):
+    with pytest.raises(ValueError, match="num_layers is chosen"):
+        LLM([checkpoints["llama"], checkpoints["qwen2"]], num_layers=2)
+    with pytest.raises(ValueError, match="repository"):
+        LLM(checkpoints["llama"], repository="x.json")
+    llm = LLM(checkpoints["llama"], kv_cache_blocks=64)
+    with pytest.raises(ValueError, match="set_slo needs"):
+        llm.set_slo("latency")
+
+
+def test_profiling_selects_a_truncated_model_and_serves_every_request(domain_models, tmp_path):
+    llm = LLM(domain_models["a"], slo=SLO(**SMALL_SLO), kv_cache_blocks=64, repository=tmp_path / "r.json")
+    prompts = DOMAIN_A * 3
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in outputs] == prompts
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens and o.finished for o in outputs)
+    stats = llm.stats()
+    control = stats["control"]
+    kinds = [e["kind"] for e in stats["events"]]
+    assert kinds[:2] == ["reassess", "profile"] and "select" in kinds and "truncate" in kinds
+    # every exit agrees on this model and domain A is confident: the smallest probed layer covers it all
+    assert control["depth"] < stats["total_layers"] and stats["loaded_layers"] == control["depth"]
+    assert control["pht"][0]["prompt_bpb"] is not None and control["pht"][0]["tokens"] > 0
+    # the profiled requests' outputs are the same as the deployed model's (no work thrown away, none recomputed)
+    plain = LLM(domain_models["a"], kv_cache_blocks=64).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+    assert (tmp_path / "r.json").is_file()
+
+
+def test_a_domain_shift_triggers_growth_or_a_switch_and_nothing_is_lost(domain_models):
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    first = llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles a, then b
+    assert all(o.finished for o in first)
+    control = llm.stats()["control"]
+    assert control["active_model"] == str(domain_models["a"])  # a is confident on domain A, b is not
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    shifted = llm.generate(DOMAIN_B * 3, params, use_tqdm=False)
+    assert [o.prompt for o in shifted] == DOMAIN_B * 3
+    assert all(o.finished and len(o.outputs[0].token_ids) >= 1 for o in shifted)
+    stats = llm.stats()
+    actions = [e for e in stats["events"] if e["kind"] in ("grow", "switch")]
+    assert actions, [e["reason"] for e in stats["events"]]
+    assert all("breaches" in e["reason"] and "costs" in e["data"] for e in actions)
+    assert stats["control"]["breaches_total"] > SMALL_SLO["max_breaches"]
+    assert not llm.engine.has_unfinished() and llm.engine.active.engine.kv_cache.allocator.num_free == \
+        llm.engine.active.engine.kv_cache.num_blocks
+
+
+def test_cross_tokenizer_switch_keeps_the_streamed_text(domain_models, tmp_path):
+    b = domain_checkpoint(tmp_path / "b2", DOMAIN_B, tokenizer=_retrained_tokenizer())
+    llm = LLM([domain_models["a"], b], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
+    controller = llm.engine
+    assert controller.active.model == str(domain_models["a"])
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    request = controller.make_request("The quick brown fox", params)
+    controller.add_request(request)
+    cseq = request.seqs[0]
+    snapshots = []
+    for _ in range(4):
+        controller.step()
+        snapshots.append(controller.stable_text(cseq))
+    target = next(p for p in controller._plans() if p.model == str(b))
+    controller._deploy(target)  # what a breach would decide: switch to b, which has a tokenizer of its own
+    switch = controller.events.events[-1]
+    assert switch.kind == "switch" and "as text" in switch.reason and switch.data["moved"] == 1
+    assert cseq.engine is controller.active.engine and cseq.models == [str(domain_models["a"]), str(b)]
+    while controller.has_unfinished():
+        controller.step()
+        snapshots.append(controller.stable_text(cseq))
+    final = request.output().outputs[0]
+    assert all(final.text.startswith(s) for s in snapshots)  # what was streamed never changes
+    assert final.text == cseq.prefix_text + controller.active.engine.outputs.text(cseq.seq)
+    # b continues exactly as b alone would from prompt + the text a had generated
+    left = params.max_tokens - len(cseq.prefix_token_ids)
+    (alone,) = LLM(b, kv_cache_blocks=64).generate(
+        request.prompt_text + cseq.prefix_text, SamplingParams(temperature=0, max_tokens=left, ignore_eos=True),
+        use_tqdm=False)
+    assert cseq.seq.output_token_ids == alone.outputs[0].token_ids
+    assert len(final.token_ids) == len(cseq.prefix_token_ids) + left
+
+
+def _retrained_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(DOMAIN_B) * 6, "numbers letters code"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -1,6 +1,7 @@
 """helios command line: `helios generate` streams a completion (or writes a file of prompts' completions as JSON
 lines), `helios info` describes a model, `helios tune-exits` trains exit adapters, `helios calibrate` picks their
-thresholds. A bare `helios` prints this help; Ctrl-C stops cleanly (exit status 130)."""
+thresholds, `helios profile` profiles candidate models and prints the Performance History Table. A bare `helios`
+prints this help; Ctrl-C stops cleanly (exit status 130)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ def _engine_kwargs(args) -> dict:
                 memory_budget=args.memory_budget, max_model_len=args.max_model_len)
 
 
+PROMPT_FIELDS = ("prompt", "text", "question", "document")  # the first present is the prompt (gsm8k: question)
+
+
 def _read_prompts(path: str) -> list[str]:
     """One prompt per line of a text file (blank lines skipped), or per record of a .jsonl file (a string, or an
-    object with a "prompt" field)."""
+    object with a "prompt" field, else "text", "question" or "document")."""
     try:
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     except OSError as e:
@@ -41,9 +45,11 @@ def _read_prompts(path: str) -> list[str]:
     prompts = []
     for number, line in enumerate(lines, start=1):
         record = json.loads(line)
-        prompt = record.get("prompt") if isinstance(record, dict) else record
+        prompt = next((record[k] for k in PROMPT_FIELDS if isinstance(record.get(k), str)), None) \
+            if isinstance(record, dict) else record
         if not isinstance(prompt, str):
-            raise ValueError(f"{path} line {number}: expected a string or an object with a 'prompt' string")
+            raise ValueError(f"{path} line {number}: expected a string or an object with a string field among "
+                             f"{PROMPT_FIELDS}")
         prompts.append(prompt)
     return prompts
 
@@ -181,6 +187,36 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from helios import LLM, SamplingParams
+    from helios.control import SLO
+
+    prompts = _read_prompts(args.corpus)
+    needed = args.requests * len(args.model)
+    if len(prompts) < needed:
+        raise ValueError(f"--corpus {args.corpus} has {len(prompts)} prompts; profiling {len(args.model)} models on "
+                         f"{args.requests} requests each needs {needed}")
+    slo = SLO(objective=args.objective, profile_requests=args.requests, reprofile_interval=10**9,
+              target_precision=args.target_precision)
+    llm = LLM(args.model, slo=slo, memory_budget=args.memory_budget, max_model_len=args.max_model_len,
+              device=args.device, dtype=args.dtype, repository=args.repository)
+    llm.generate(prompts[:needed], SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=True)
+    control = llm.stats()["control"]
+    print(f"Performance History Table ({args.requests} requests per model, {args.max_tokens} new tokens each):")
+    _print_table(["model", "tokens", "tok/s", "ms/layer", "ms/check", "prompt bits/byte", "output bits/byte",
+                  "agreement with the last layer by probe layer"],
+                 [[row["model"], row["tokens"], row["tokens_per_second"], round(1e3 * row["seconds_per_layer"], 3),
+                   round(1e3 * row["seconds_per_check"], 3), _round(row["prompt_bpb"]), _round(row["output_bpb"]),
+                   " ".join(f"{k}:{v}" for k, v in row["agreement"].items())] for row in control["pht"]])
+    print(f"selected for {args.objective}: {control['active_model']} at depth {control['depth']}, exits "
+          f"{control['exits']}, thresholds {control['thresholds']}")
+    return 0
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios", description="helios-serve: early-exit LLM serving runtime")
     version = f"helios-serve {helios_version}"
@@ -257,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an exit must let at least this many calibration tokens out, else it is switched off")
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=cmd_calibrate)
+
+    prof = sub.add_parser("profile", help="profile candidate models on a corpus of prompts and print the PHT")
+    prof.add_argument("--model", action="append", required=True, help="a candidate (repeat for each)")
+    prof.add_argument("--corpus", required=True,
+                      help="prompts: one per line, or per record of a .jsonl file (a string or {\"prompt\": ...})")
+    prof.add_argument("--requests", type=int, default=5, help="prompts each candidate serves (default 5)")
+    prof.add_argument("--max-tokens", type=int, default=32)
+    prof.add_argument("--objective", default="throughput", choices=["throughput", "latency", "energy", "memory"])
+    prof.add_argument("--target-precision", type=float, default=0.9)
+    prof.add_argument("--repository", default=None, help="JSON file keeping facts and profiles across runs")
+    prof.add_argument("--memory-budget", default=None)
+    prof.add_argument("--max-model-len", type=int, default=None)
+    prof.add_argument("--device", default="auto")
+    prof.add_argument("--dtype", default="auto")
+    prof.set_defaults(func=cmd_profile)
     return parser
 
 

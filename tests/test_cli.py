@@ -98,3 +98,17 @@ def test_info_splits_weights_into_layers_embedding_and_head(checkpoints, capsys)
         packed = embed if onednn_linear_supported(__import__("torch").float32) else 0  # the head's packed copy
         assert info["weight_bytes"] == info["layer_bytes"] + embed + (0 if tied else embed) + packed
         assert 0 < info["layer_bytes"] < info["weight_bytes"]
+
+
+def test_profile_prints_the_pht(checkpoints, tmp_path, capsys):
+    corpus = tmp_path / "prompts.jsonl"
+    corpus.write_text("\n".join(json.dumps({"question": p}) for p in PROMPTS))
+    repo = tmp_path / "repo.json"
+    argv = ["profile", "--model", str(checkpoints["llama"]), "--model", str(checkpoints["qwen2"]), "--corpus",
+            str(corpus), "--requests", "2", "--max-tokens", "4", "--repository", str(repo)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Performance History Table" in out and str(checkpoints["qwen2"]) in out and "selected for throughput" in out
+    assert json.loads(repo.read_text())["candidates"].keys() == {str(checkpoints["llama"]), str(checkpoints["qwen2"])}
+    assert main(["profile", "--model", str(checkpoints["llama"]), "--corpus", str(corpus), "--requests", "99"]) == 2
+    assert "needs 99" in capsys.readouterr().err

@@ -4,6 +4,7 @@ request."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,62 @@ def _retrained_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([" ".join(DOMAIN_B) * 6, "numbers letters code"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_stream_and_several_samples_survive_a_switch(domain_models):
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
+    controller = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    stream = llm.stream("The quick brown fox", params)
+    pieces = list(itertools.islice(stream, 2))
+    sampled = controller.make_request("She sells sea shells", SamplingParams(n=3, temperature=1.0, seed=7,
+                                                                             max_tokens=16, ignore_eos=True))
+    controller.add_request(sampled)
+    controller.step()
+    target = next(p for p in controller._plans() if p.model == str(domain_models["b"]))
+    controller._deploy(target)
+    pieces += list(stream)
+    while controller.has_unfinished():
+        controller.step()
+    out = sampled.output()
+    assert out.finished and [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 16 and c.finish_reason == "length" for c in out.outputs)
+    assert all(s.models == [str(domain_models["a"]), str(domain_models["b"])] for s in sampled.seqs)
+    switch = [e for e in controller.events.events if e.kind == "switch"][-1]
+    assert switch.data["moved"] == 2 and "by token ids" in switch.reason  # the stream's request and the sampled one
+    # the stream ran to its end across the switch (b continues domain-A text with <unk>, which decodes to nothing)
+    assert "".join(pieces).startswith("The") and not controller.requests
+    engine = controller.active.engine
+    assert engine.kv_cache.allocator.num_free == engine.kv_cache.num_blocks
+
+
+def test_a_failed_load_is_an_event_and_serving_goes_on(domain_models, monkeypatch):
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
+    controller = llm.engine
+    before = (controller.active.model, controller.active.plan.depth)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk unplugged")
+
+    monkeypatch.setattr(controller.active.engine.model, "grow", broken)
+    monkeypatch.setattr(controller, "_build", broken)
+    outputs = llm.generate(DOMAIN_B * 2, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                           use_tqdm=False)
+    assert all(o.finished and len(o.outputs[0].token_ids) == 30 for o in outputs)
+    failures = [e for e in controller.events.events if e.kind == "failure"]
+    assert failures and "disk unplugged" in failures[0].reason
+    assert (controller.active.model, controller.active.plan.depth) == before
+
+
+def test_set_slo_reprofiles_and_events_reach_the_logger(domain_models, caplog):
+    llm = LLM(domain_models["a"], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    with caplog.at_level("INFO", logger="helios.control"):
+        llm.generate(DOMAIN_A, GREEDY, use_tqdm=False)
+        llm.set_slo(SLO(**{**SMALL_SLO, "objective": "memory"}))
+        llm.generate(DOMAIN_A, GREEDY, use_tqdm=False)
+    reasons = [e["reason"] for e in llm.stats()["events"] if e["kind"] == "reassess"]
+    assert reasons == ["cold start", "the SLO changed"]
+    assert llm.stats()["control"]["slo"]["objective"] == "memory"
+    assert any("select" in r.getMessage() for r in caplog.records)

@@ -403,3 +403,23 @@ def test_set_slo_reprofiles_and_events_reach_the_logger(domain_models, caplog):
     assert reasons == ["cold start", "the SLO changed"]
     assert llm.stats()["control"]["slo"]["objective"] == "memory"
     assert any("select" in r.getMessage() for r in caplog.records)
+
+
+def test_breaches_at_the_truncated_depth_are_tokens_below_its_threshold(peaked_checkpoints):
+    from helios.exits.config import ExitPolicy
+
+    plain = LLMEngine(EngineConfig(peaked_checkpoints["llama"], num_layers=3, kv_cache_blocks=64))
+    gated = LLMEngine(EngineConfig(peaked_checkpoints["llama"], num_layers=3, kv_cache_blocks=64))
+    gated.set_exit_policy(ExitPolicy("max_prob", (3,), {3: 0.6}))
+    outs = []
+    for engine in (plain, gated):
+        requests = [engine.make_request(p, GREEDY) for p in DOMAIN_A + DOMAIN_B]
+        for r in requests:
+            engine.add_request(r)
+        while engine.has_unfinished():
+            engine.step()
+        outs.append([engine.output(r).outputs[0] for r in requests])
+    confidences = [c for o in outs[1] for c in o.confidences]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]  # the breach test changes no token
+    assert confidences == pytest.approx([c for o in outs[0] for c in o.confidences], abs=1e-5)
+    assert gated.num_breaches == sum(c < 0.6 for c in confidences) and 0 < gated.num_breaches < len(confidences)

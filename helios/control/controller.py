@@ -39,7 +39,7 @@ from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
 from helios.engine.probes import ProbeLog
 from helios.engine.prompts import parse_prompt
-from helios.exits.config import ExitPolicy
+from helios.exits.config import ExitConfig, ExitPolicy
 from helios.sampling_params import SamplingParams
 
 HORIZON_TOKENS = 1000  # tokens over which growing and switching are compared
@@ -116,7 +116,11 @@ class ControlledEngine:
 
     # ---- engines ------------------------------------------------------------------------------------------------
     def _build(self, model: str, **changes) -> LLMEngine:
-        config = dataclasses.replace(self.configs[model], **changes)
+        """An engine of `model` with its trained exit heads when it has any (ExitConfig.heads, else the model's
+        helios_exits/ folder); exit layers and thresholds are the control plane's to set."""
+        config = self.configs[model]
+        heads = config.early_exit.heads if config.early_exit is not None else None
+        config = dataclasses.replace(config, early_exit=ExitConfig(heads=heads), **changes)
         started = time.perf_counter()
         engine = LLMEngine(config, request_ids=self._engine_request_ids)
         seconds = time.perf_counter() - started

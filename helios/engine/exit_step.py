@@ -78,6 +78,11 @@ class ExitForward:
     def _decide(self, hidden_rows: torch.Tensor, seqs: list, layer: int, final: bool) -> list[TokenChoice | None]:
         """Exit test at `layer` for these rows; None for rows that stay (never at the final layer)."""
         greedy = not any(needs_logits(s) for s in seqs)  # plain argmax rows: the fused head, no logits
+        if final and greedy and self.policy.confidence == "max_prob" and hidden_rows.device.type == "cpu":
+            # the last layer of a greedy batch on CPU: plain decoding's own chunked argmax and max prob, no
+            # [batch, vocab] logits (HELIOS' truncated depth pays nothing for its breach test)
+            tokens, p1 = self.model.greedy_head(hidden_rows)
+            return self._leave_all(tokens.tolist(), p1, layer)
         if final:
             logits = self.model.compute_logits(hidden_rows).float()  # exactly plain decoding's last layer
         elif not greedy:
@@ -102,6 +107,12 @@ class ExitForward:
         for i, token, lp in zip(leaving, chosen, logprobs, strict=True):
             out[i] = TokenChoice(int(token), layer, float(measure[i]), breach=final and not passed[i], logprobs=lp)
         return out
+
+    def _leave_all(self, tokens: list[int], p1: torch.Tensor, layer: int) -> list[TokenChoice]:
+        """Every row leaves at the last layer; below the threshold it is a breach."""
+        passed = (p1 >= self.policy.thresholds[layer]).tolist()
+        return [TokenChoice(t, layer, float(c), breach=not ok) for t, c, ok in zip(tokens, p1.tolist(), passed,
+                                                                                  strict=True)]
 
     def run(self, batch: list[ScheduledSeq], input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> tuple[list[TokenChoice], torch.Tensor, AttentionMetadata]:

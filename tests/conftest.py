@@ -52,17 +52,17 @@ PROMPTS = [
 ]
 
 
-def make_tokenizer():
-    """A small byte-level BPE tokenizer trained in memory, so any text tokenizes."""
+def make_tokenizer(texts: list[str] | None = None, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained in memory, so any text tokenizes (other texts: another vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([" ".join(PROMPTS) * 4, "the of and to in is was for on that with as"], trainer)
+    tok.train_from_iterator(texts or [" ".join(PROMPTS) * 4, "the of and to in is was for on that with as"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 

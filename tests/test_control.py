@@ -334,16 +334,7 @@ def test_cross_tokenizer_switch_keeps_the_streamed_text(domain_models, tmp_path)
 
 
 def _retrained_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([" ".join(DOMAIN_B) * 6, "numbers letters code"], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return make_tokenizer([" ".join(DOMAIN_B) * 6, "numbers letters code"], vocab_size=280)
 
 
 def test_stream_and_several_samples_survive_a_switch(domain_models):

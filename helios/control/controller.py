@@ -18,7 +18,6 @@ never changes. A request never mixes two models' K/V: each engine holds its own 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import itertools
 import threading
@@ -41,17 +40,9 @@ from helios.engine.probes import ProbeLog
 from helios.engine.prompts import parse_prompt
 from helios.exits.config import ExitConfig, ExitPolicy
 from helios.sampling_params import SamplingParams
+from helios.utils.locking import locked
 
 HORIZON_TOKENS = 1000  # tokens over which growing and switching are compared
-
-
-def locked(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 def tokenizer_key(tokenizer) -> str:

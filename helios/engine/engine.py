@@ -6,7 +6,6 @@ so that a bad argument fails before anything large is allocated.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import threading
@@ -34,6 +33,7 @@ from helios.model.source import resolve_model
 from helios.ops import PagedAttentionOps
 from helios.sampling_params import SamplingParams
 from helios.utils.device import resolve_device, resolve_dtype
+from helios.utils.locking import locked
 
 logger = logging.getLogger("helios")
 
@@ -43,17 +43,6 @@ def _reset_for_recompute(seq: Sequence) -> None:
     seq.num_computed_tokens = 0
     seq.num_published_blocks = 0
     seq.status = Status.WAITING
-
-
-def locked(method):
-    """Runs an LLMEngine method under the engine's re-entrant lock."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 class LLMEngine:

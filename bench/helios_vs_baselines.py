@@ -52,12 +52,14 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def workload(per_phase: int) -> list[tuple[str, str]]:
-    """(phase, prompt) in arrival order. Taken from the ends of the files: exit tuning and calibration read their
-    beginnings."""
+    """(phase, prompt) in arrival order, from text that exit calibration never read: the last gsm8k test questions
+    (calibration reads the first 800), windows of the last five xsum-sample articles (calibration reads the first
+    five; the sample has only ten, so the windows overlap), passages of tinyshakespeare's second half (exit tuning
+    trained on windows from the whole file)."""
     gsm = [f"Question: {r['question']}\nAnswer:" for r in _jsonl(DATA / "gsm8k" / "test.jsonl")[-per_phase:]]
-    articles = _jsonl(DATA / "xsum-sample" / "sample.jsonl")[-per_phase:]
-    articles = _jsonl(DATA / "xsum-sample" / "sample.jsonl")[-per_phase:]
-    xsum = [f"Article: {r['document'][:700]}\nSummary:" for r in articles]
+    news = " ".join(r["document"] for r in _jsonl(DATA / "xsum-sample" / "sample.jsonl")[5:])
+    stride = max(1, (len(news) - 300) // per_phase)
+    xsum = [f"Article: {news[i * stride:i * stride + 300]}\nSummary:" for i in range(per_phase)]
     text = (DATA / "tinyshakespeare" / "input.txt").read_text()
     tail = text[len(text) // 2:]
     passages = [tail[i * 400:i * 400 + 300] for i in range(per_phase)]

@@ -283,8 +283,7 @@ class ControlledEngine:
                                 output_bytes, len(run.requests))
         self.repository.record(profile)
         self.events.add("profile", f"profiled {run.model}", **profile.summary())
-        self.profiling = None
-        del run.engine  # the full-depth copy is released
+        self.profiling = None  # the full-depth copy goes with the run (its finished requests keep what they read)
         self._next_profile()
         if self.profiling is None:
             self._reselect("profiles complete")

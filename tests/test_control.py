@@ -284,6 +284,11 @@ def test_a_domain_shift_triggers_growth_or_a_switch_and_nothing_is_lost(domain_m
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
     first = llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles a, then b
     assert all(o.finished for o in first)
+    # cold start: once a is profiled, its full-depth engine serves the waiting requests while b is profiled
+    order = [(e.kind, e.reason.split(":")[0]) for e in llm.engine.events.events]
+    interim = order.index(("select", "interim"))
+    assert order.index(("profile", f"profiled {domain_models['a']}")) < interim < \
+        order.index(("profile", f"profiled {domain_models['b']}"))
     control = llm.stats()["control"]
     assert control["active_model"] == str(domain_models["a"])  # a is confident on domain A, b is not
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

@@ -1,8 +1,9 @@
 """ControlledEngine: the HELIOS loop over engines, with LLMEngine's interface (LLM drives it the same way).
 
 Cold start: candidates are profiled one after another, each serving the next `profile_requests` live requests
-at full depth with every probe exit evaluated (helios.engine.probes); requests that arrive before the first
-selection wait (the documented stall: one candidate's profiling run). Then the selector picks model M, depth L,
+at full depth with every probe exit evaluated (helios.engine.probes); requests beyond those wait only until the
+first candidate's profile ends (the documented stall: one profiling run), then its full-depth engine serves them
+while the others are profiled. Then the selector picks model M, depth L,
 exits and thresholds (helios.control.selector); only layers 1..L of M are loaded and the KV pool is sized for
 them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
 `breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
@@ -284,9 +285,25 @@ class ControlledEngine:
         self.repository.record(profile)
         self.events.add("profile", f"profiled {run.model}", **profile.summary())
         self.profiling = None  # the full-depth copy goes with the run (its finished requests keep what they read)
+        if self.active is None:
+            self._serve_interim(run, profile)
         self._next_profile()
         if self.profiling is None:
             self._reselect("profiles complete")
+        else:
+            self._drain_pending()
+
+    def _serve_interim(self, run: ProfilingRun, profile) -> None:
+        """Cold start: the first profiled candidate's full-depth engine serves the waiting requests while the other
+        candidates are profiled, so nothing waits for every profile (plain decoding: no exits, no breaches)."""
+        run.engine.set_probes(None)
+        depth = run.engine.model.total_layers
+        plan = Plan(model=run.model, depth=depth, exits=(), thresholds={depth: never_breach(profile.confidence)},
+                    coverage=1.0, seconds_per_token=0.0, tokens_per_second=profile.tokens_per_second, max_seqs=None,
+                    prompt_bpb=profile.prompt_bpb, reason="interim")
+        self.active = Deployment(run.model, run.engine, plan)
+        self.events.add("select", f"interim: {run.model} at full depth serves waiting requests until every candidate "
+                        "is profiled", model=run.model, depth=depth, pending=len(self.pending))
 
     # ---- selection and deployment ------------------------------------------------------------------------------------
     def _plans(self) -> list[Plan]:
@@ -338,6 +355,9 @@ class ControlledEngine:
                             "configuration keeps serving", model=plan.model, depth=plan.depth)
             return
         self.monitor.reset()
+        self._drain_pending()
+
+    def _drain_pending(self) -> None:
         while self.pending and self.active is not None:
             request = self.pending.popleft()
             if request.request_id in self.requests:

@@ -43,8 +43,6 @@ from helios.exits.config import ExitConfig, ExitPolicy
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
 
-HORIZON_TOKENS = 1000  # tokens over which growing and switching are compared
-
 
 def tokenizer_key(tokenizer) -> str:
     """Equal keys: the same token ids mean the same text, so sequences can move by token ids."""
@@ -411,7 +409,7 @@ class ControlledEngine:
 
     def _react(self) -> None:
         """The breach monitor tripped: grow the depth or switch, whichever the cost model says is cheaper over
-        the next HORIZON_TOKENS tokens (load time + re-prefill of the in-flight tokens + serving time)."""
+        the next slo.horizon_tokens tokens (load time + re-prefill of the in-flight tokens + serving time)."""
         active = self.active
         breach = {"breaches": self.monitor.breaches, "window": len(self.monitor.window)}
         inflight = sum(seq.num_tokens for r in active.engine.requests.values() for seq in r.seqs
@@ -426,7 +424,7 @@ class ControlledEngine:
             facts = self.repository.candidates[active.model].facts
             load = (depth - active.plan.depth) * (facts.load_seconds_per_layer or 0.0)
             per_token = estimate_seconds(profile, depth, (), {})
-            cost = load + _reprefill_seconds(profile, inflight, depth) + HORIZON_TOKENS * per_token
+            cost = load + _reprefill_seconds(profile, inflight, depth) + self.slo.horizon_tokens * per_token
             options.append((cost, "grow", plan, {"load_s": round(load, 3), "per_token_s": per_token}))
         for plan in self._plans():
             if plan.model == active.model:
@@ -434,7 +432,7 @@ class ControlledEngine:
             candidate = self.repository.candidates[plan.model]
             load = plan.depth * (candidate.facts.load_seconds_per_layer or 0.0)
             cost = load + _reprefill_seconds(candidate.latest, inflight, plan.depth) \
-                + HORIZON_TOKENS * plan.seconds_per_token
+                + self.slo.horizon_tokens * plan.seconds_per_token
             options.append((cost, "switch", plan, {"load_s": round(load, 3), "per_token_s": plan.seconds_per_token}))
         self.monitor.reset()
         if not options:
@@ -443,7 +441,7 @@ class ControlledEngine:
             return
         cost, action, plan, numbers = min(options, key=lambda o: o[0])
         reason = (f"{breach['breaches']} breaches in {breach['window']} tokens > {self.slo.max_breaches}: {action} is "
-                  f"cheapest ({round(cost, 3)} s for {HORIZON_TOKENS} tokens)")
+                  f"cheapest ({round(cost, 3)} s for {self.slo.horizon_tokens} tokens)")
         alternatives = {f"{a}:{p.model}@{p.depth}": round(c, 3) for c, a, p, _ in options}
         try:
             if action == "grow":

@@ -29,6 +29,7 @@ class SLO:
     max_breaches: int = 50  # CBCmax: more breaches than this in the window trigger growth or a switch (paper: 50)
     probe_layers: int = 8  # exit layers evaluated while profiling, spread evenly below the last layer
     min_exits: int = 20  # profiled tokens a threshold must rest on
+    horizon_tokens: int = 1000  # tokens over which growing and switching are compared (load + re-prefill + serving)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -40,7 +41,8 @@ class SLO:
         if isinstance(self.bpb_tolerance, bool) or not isinstance(self.bpb_tolerance, (int, float)) \
                 or self.bpb_tolerance < 0:
             raise ValueError(f"SLO.bpb_tolerance must be a number >= 0, got {self.bpb_tolerance!r}")
-        for name in ("profile_requests", "reprofile_interval", "breach_window", "probe_layers", "min_exits"):
+        for name in ("profile_requests", "reprofile_interval", "breach_window", "probe_layers", "min_exits",
+                     "horizon_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SLO.{name} must be an int >= 1, got {value!r}")

@@ -6,12 +6,13 @@ checks Gemma 3 on random tiny checkpoints (tests/test_gemma3.py) and this file r
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 import torch
 
 from helios import LLM, SamplingParams
-from tests.conftest import hf_greedy, hf_logits
+from tests.conftest import hf_greedy, hf_logits, hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +42,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def reference(llm):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(llm.stats()["model_path"], dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return hf_model(Path(llm.stats()["model_path"]))
 
 
 @needs_model

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 import torch
 
 from helios import LLM, SamplingParams
 from helios.model import source
-from tests.conftest import hf_greedy, hf_logits
+from tests.conftest import hf_greedy, hf_logits, hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +39,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def reference(llm):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(llm.stats()["model_path"], dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 2
-    return model
+    return hf_model(Path(llm.stats()["model_path"]))
 
 
 @needs_model

@@ -49,11 +49,25 @@ class DecoderModel:
             hidden = self.layer(i, hidden, positions, kv_caches[i], meta)
         return hidden
 
+    def _qkv(self, w, hidden: torch.Tensor, positions: torch.Tensor):
+        """Layer w's queries, keys and values [tokens, heads, head_dim] (norm, projection, positions applied)."""
+        raise NotImplementedError
+
     def fill_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor) -> None:
         """Hidden-state propagation for rows that left the stack earlier: layer `index` stores K/V computed
         from their exited hidden state (input norm + K/V projections only), so later tokens can attend."""
-        raise NotImplementedError
+        _, k, v = self._qkv(self.layers[index], hidden, positions)
+        self.ops.store_kv(k, v, kv[0], kv[1], slot_mapping)
+
+    def _attend(self, w, hidden: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Layer w's attention up to its output projection: Q/K/V, K/V stored in the cache, paged or dense
+        attention (within w.sliding_window); returns [tokens, heads * head_dim]."""
+        q, k, v = self._qkv(w, hidden, positions)
+        self.ops.store_kv(k, v, kv[0], kv[1], meta.slot_mapping)
+        attn = self.ops.attention(q, k, v, kv[0], kv[1], meta, self.scale, w.sliding_window)
+        return attn.view(hidden.shape[0], -1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(self.head_input(hidden))

@@ -112,18 +112,10 @@ class Gemma3Model(DecoderModel):
         q, k = w.rotary(q, k, positions)
         return q, k, v.view(tokens, self.num_kv_heads, self.head_dim)
 
-    def fill_kv(self, index, hidden, positions, kv, slot_mapping):
-        _, k, v = self._qkv(self.layers[index], hidden, positions)
-        self.ops.store_kv(k, v, kv[0], kv[1], slot_mapping)
-
     def layer(self, index, hidden, positions, kv, meta: AttentionMetadata):
         w = self.layers[index]
-        tokens = hidden.shape[0]
-        q, k, v = self._qkv(w, hidden, positions)
-        key_cache, value_cache = kv
-        self.ops.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
-        attn = self.ops.attention(q, k, v, key_cache, value_cache, meta, self.scale, w.sliding_window)
-        hidden = hidden + rms_norm_fp32(w.o_proj(attn.view(tokens, -1)), w.post_attention_norm, self.eps)
+        attn = self._attend(w, hidden, positions, kv, meta)
+        hidden = hidden + rms_norm_fp32(w.o_proj(attn), w.post_attention_norm, self.eps)
         x = rms_norm_fp32(hidden, w.pre_feedforward_norm, self.eps)
         gate, up = w.gate_up(x).chunk(2, dim=-1)
         return hidden + rms_norm_fp32(w.down(self.act(gate) * up), w.post_feedforward_norm, self.eps)

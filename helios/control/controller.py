@@ -19,7 +19,6 @@ never changes. A request never mixes two models' K/V: each engine holds its own 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import threading
 import time
@@ -28,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helios.config import EngineConfig
+from helios.control.actions import breach_options
 from helios.control.events import EventLog
 from helios.control.monitor import BreachMonitor
-from helios.control.profile import build_profile
-from helios.control.repository import ModelFacts, ModelRepository
+from helios.control.profile import build_profile, probe_layers
+from helios.control.repository import ModelFacts, ModelRepository, tokenizer_key
 from helios.control.requests import ControlledRequest, ControlledSeq
-from helios.control.selector import Plan, estimate_seconds, live_threshold, never_breach, plan_candidate, select
+from helios.control.selector import Plan, never_breach, plan_candidate, select
 from helios.control.slo import SLO
 from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
@@ -42,19 +42,6 @@ from helios.engine.prompts import parse_prompt
 from helios.exits.config import ExitConfig, ExitPolicy
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
-
-
-def tokenizer_key(tokenizer) -> str:
-    """Equal keys: the same token ids mean the same text, so sequences can move by token ids."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    digest = hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
-    return f"{type(tokenizer).__name__}:{len(vocab)}:{digest}"
-
-
-def probe_layers(total: int, count: int, extra: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
-    """`count` layers spread evenly over 1..total-1, plus any layers with trained exit heads."""
-    grid = {max(1, round(total * k / (count + 1))) for k in range(1, count + 1)}
-    return tuple(sorted(x for x in grid | set(extra) if 1 <= x < total))
 
 
 @dataclass
@@ -341,19 +328,23 @@ class ControlledEngine:
             elif active is not None and active.model == plan.model and plan.depth > active.plan.depth:
                 self._grow(plan, "selection")
             else:
-                engine = self._build(plan.model, num_layers=plan.depth)
-                engine.set_exit_policy(self._policy(plan))
-                self.events.add("truncate", f"loaded layers 1..{plan.depth} of {plan.model}", model=plan.model,
-                                depth=plan.depth, total_layers=engine.model.total_layers,
-                                weight_bytes=engine.model.weight_bytes, kv_blocks=engine.kv_cache.num_blocks,
-                                max_concurrent_seqs=engine.stats()["max_concurrent_seqs"])
-                self._move_all(active, Deployment(plan.model, engine, plan))
+                self._replace(plan)
         except Exception as e:
             self.events.add("failure", f"deploying {plan.model} at depth {plan.depth} failed: {e}; the current "
                             "configuration keeps serving", model=plan.model, depth=plan.depth)
             return
         self.monitor.reset()
         self._drain_pending()
+
+    def _replace(self, plan: Plan, reason: str = "") -> None:
+        """A new engine with layers 1..plan.depth of plan.model; the active deployment's requests move to it."""
+        engine = self._build(plan.model, num_layers=plan.depth)
+        engine.set_exit_policy(self._policy(plan))
+        self.events.add("truncate", f"loaded layers 1..{plan.depth} of {plan.model}", model=plan.model,
+                        depth=plan.depth, total_layers=engine.model.total_layers,
+                        weight_bytes=engine.model.weight_bytes, kv_blocks=engine.kv_cache.num_blocks,
+                        max_concurrent_seqs=engine.stats()["max_concurrent_seqs"])
+        self._move_all(self.active, Deployment(plan.model, engine, plan), reason)
 
     def _drain_pending(self) -> None:
         while self.pending and self.active is not None:
@@ -414,47 +405,27 @@ class ControlledEngine:
         breach = {"breaches": self.monitor.breaches, "window": len(self.monitor.window)}
         inflight = sum(seq.num_tokens for r in active.engine.requests.values() for seq in r.seqs
                        if not seq.is_finished)
-        options = []
-        profile = self.repository.candidates[active.model].latest
-        deeper = [x for x in profile.layers if x > active.plan.depth] + [profile.total_layers]
-        if active.plan.depth < profile.total_layers:
-            depth = deeper[0]
-            plan = dataclasses.replace(active.plan, depth=depth, exits=(), thresholds=dict(active.plan.thresholds))
-            plan.thresholds[depth] = _threshold_at(profile, depth, self.slo)
-            facts = self.repository.candidates[active.model].facts
-            load = (depth - active.plan.depth) * (facts.load_seconds_per_layer or 0.0)
-            per_token = estimate_seconds(profile, depth, (), {})
-            cost = load + _reprefill_seconds(profile, inflight, depth) + self.slo.horizon_tokens * per_token
-            options.append((cost, "grow", plan, {"load_s": round(load, 3), "per_token_s": per_token}))
-        for plan in self._plans():
-            if plan.model == active.model:
-                continue
-            candidate = self.repository.candidates[plan.model]
-            load = plan.depth * (candidate.facts.load_seconds_per_layer or 0.0)
-            cost = load + _reprefill_seconds(candidate.latest, inflight, plan.depth) \
-                + self.slo.horizon_tokens * plan.seconds_per_token
-            options.append((cost, "switch", plan, {"load_s": round(load, 3), "per_token_s": plan.seconds_per_token}))
+        options = breach_options(active.plan, self.repository, self._plans(), inflight, self.slo)
         self.monitor.reset()
         if not options:
             self.events.add("failure", "breach limit exceeded at full depth with no other candidate: nothing to do",
                             **breach)
             return
-        cost, action, plan, numbers = min(options, key=lambda o: o[0])
-        reason = (f"{breach['breaches']} breaches in {breach['window']} tokens > {self.slo.max_breaches}: {action} is "
-                  f"cheapest ({round(cost, 3)} s for {self.slo.horizon_tokens} tokens)")
-        alternatives = {f"{a}:{p.model}@{p.depth}": round(c, 3) for c, a, p, _ in options}
+        best = min(options, key=lambda o: o.cost)
+        plan = best.plan
+        reason = (f"{breach['breaches']} breaches in {breach['window']} tokens > {self.slo.max_breaches}: "
+                  f"{best.action} is cheapest ({round(best.cost, 3)} s for {self.slo.horizon_tokens} tokens)")
+        alternatives = {f"{o.action}:{o.plan.model}@{o.plan.depth}": round(o.cost, 3) for o in options}
         try:
-            if action == "grow":
+            if best.action == "grow":
                 self._grow(plan, reason)
             else:
-                engine = self._build(plan.model, num_layers=plan.depth)
-                engine.set_exit_policy(self._policy(plan))
-                self._move_all(active, Deployment(plan.model, engine, plan), reason)
+                self._replace(plan, reason)
         except Exception as e:
-            self.events.add("failure", f"{action} to {plan.model}@{plan.depth} failed: {e}; keeping "
+            self.events.add("failure", f"{best.action} to {plan.model}@{plan.depth} failed: {e}; keeping "
                             f"{active.model}@{active.plan.depth}", **breach)
             return
-        self.events.events[-1].data.update(costs=alternatives, **numbers, **breach)
+        self.events.events[-1].data.update(costs=alternatives, **best.numbers, **breach)
 
     # ---- SLO and telemetry -------------------------------------------------------------------------------------------
     @locked
@@ -486,18 +457,3 @@ class ControlledEngine:
             },
             "events": self.events.as_dicts(),
         }
-
-
-def _threshold_at(profile, layer: int, slo: SLO) -> float:
-    """The live threshold at a deeper layer; at the last layer, or where no threshold reaches the target, one that
-    every token passes (the next breaches would only trigger the same action again)."""
-    if layer >= profile.total_layers or layer not in profile.pairs:
-        return never_breach(profile.confidence)
-    value = live_threshold(profile.exit_stats(), layer, slo.target_precision, slo.min_exits)
-    return never_breach(profile.confidence) if value is None else value
-
-
-def _reprefill_seconds(profile, tokens: int, depth: int) -> float:
-    """Re-prefilling `tokens` through `depth` layers, each token priced as one decode row of the profiled batch
-    (an upper bound: prefill rows share each weight read)."""
-    return tokens * depth * profile.seconds_per_layer / max(1.0, profile.rows_per_step)

@@ -85,3 +85,9 @@ def build_profile(model: str, total_layers: int, log: ProbeLog, seconds: float, 
                    rows_per_step=log.tokens / max(1, log.layer_steps // max(1, total_layers)),
                    prompt_bpb=prompt_bpb, output_bpb=output_bpb,
                    confidence=log.confidence, pairs=pairs)
+
+
+def probe_layers(total: int, count: int, extra: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
+    """`count` layers spread evenly over 1..total-1, plus any layers with trained exit heads."""
+    grid = {max(1, round(total * k / (count + 1))) for k in range(1, count + 1)}
+    return tuple(sorted(x for x in grid | set(extra) if 1 <= x < total))

@@ -4,6 +4,7 @@ starts warm."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -11,6 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from helios.control.profile import Profile
+
+
+def tokenizer_key(tokenizer) -> str:
+    """Equal keys: the same token ids mean the same text, so sequences can move by token ids."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}:{len(vocab)}:{digest}"
 
 
 @dataclass

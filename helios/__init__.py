@@ -17,10 +17,11 @@ if not torch.cuda.is_available():
     # so the choice is made here, before anything helios imports can load triton (importing torch does not).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helios.async_llm import AsyncLLM  # noqa: E402
 from helios.engine.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from helios.exits.config import ExitConfig  # noqa: E402
 from helios.llm import LLM  # noqa: E402
 from helios.sampling_params import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "ExitConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "ExitConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

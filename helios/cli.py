@@ -1,7 +1,7 @@
 """helios command line: `helios generate` streams a completion (or writes a file of prompts' completions as JSON
 lines), `helios info` describes a model, `helios tune-exits` trains exit adapters, `helios calibrate` picks their
-thresholds, `helios profile` profiles candidate models and prints the Performance History Table. A bare `helios`
-prints this help; Ctrl-C stops cleanly (exit status 130)."""
+thresholds, `helios profile` profiles candidate models and prints the Performance History Table, `helios serve` runs
+the OpenAI-compatible server. A bare `helios` prints this help; Ctrl-C stops cleanly (exit status 130)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ from helios.model.source import DEFAULT_MODEL
 from helios.utils.memory import format_bytes
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"HF directory, .gguf file or alias (default: {DEFAULT_MODEL})")
+def _add_engine_args(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
+    if several_models:
+        parser.add_argument("--model", action="append", default=None,
+                            help=f"HF directory, .gguf file or alias (default: {DEFAULT_MODEL}); repeat it for "
+                                 "candidates the control plane chooses between")
+    else:
+        parser.add_argument("--model", default=DEFAULT_MODEL,
+                            help=f"HF directory, .gguf file or alias (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--num-layers", type=int, default=None, help="load only decoder layers 1..N")
@@ -213,6 +218,21 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from helios.server.launch import serve
+    except ImportError as e:
+        raise ImportError(f"helios serve needs the server extra: pip install 'helios-serve[server]' ({e})") from e
+
+    kwargs = _engine_kwargs(args)
+    models = kwargs.pop("model") or [DEFAULT_MODEL]
+    if args.slo is not None:
+        kwargs["slo"] = args.slo
+    return serve(models, host=args.host, port=args.port, served_model_names=args.served_model_name,
+                 shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, max_num_seqs=args.max_num_seqs,
+                 kv_cache_blocks=args.kv_cache_blocks, **kwargs)
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
@@ -308,6 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="auto")
     prof.add_argument("--dtype", default="auto")
     prof.set_defaults(func=cmd_profile)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP")
+    _add_engine_args(srv, several_models=True)
+    srv.add_argument("--slo", default=None, choices=["throughput", "latency", "energy", "memory"],
+                     help="run the control plane for this objective (default with several --model: throughput)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", action="append", default=None,
+                     help="the name(s) clients use for the model (default: the --model value; with several: "
+                          "helios and each candidate)")
+    srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--kv-cache-blocks", type=int, default=None)
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests may finish after SIGINT/SIGTERM before they are aborted")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

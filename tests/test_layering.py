@@ -1,5 +1,5 @@
-"""The packages form a one-way stack: cli / server -> llm -> control -> tuning -> engine -> model, exits -> ops ->
-helios._C.
+"""The packages form a one-way stack: cli -> server -> async_llm -> llm -> control -> tuning -> engine -> model,
+exits -> ops -> helios._C.
 An import from a lower layer into a higher one (even inside a function) fails here."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ RANKS = {
     "tuning": 5,
     "control": 6,
     "llm": 7,  # the LLM facade, and what helios/__init__ exports (LLM, SamplingParams, ..., __version__)
-    "cli": 8, "server": 8,
+    "async_llm": 8,  # the LLM facade in asyncio form (drives an LLM's engine from a thread)
+    "server": 9,  # the OpenAI-compatible HTTP server over AsyncLLM
+    "cli": 10,  # `helios serve` starts the server
 }
 
 

@@ -38,7 +38,7 @@ from helios.control.slo import SLO
 from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
 from helios.engine.probes import ProbeLog
-from helios.engine.prompts import parse_prompt
+from helios.engine.prompts import PromptTooLongError, parse_prompt
 from helios.exits.config import ExitConfig, ExitPolicy
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
@@ -90,6 +90,7 @@ class ControlledEngine:
         self.tokenizer = self.profiling.engine.tokenizer
         self.tokenizer_key = self._tokenizer_keys[self.profiling.model]
         self.source = self.profiling.engine.source
+        self.max_model_len = self.profiling.engine.max_model_len
 
     # ---- engines ------------------------------------------------------------------------------------------------
     def _build(self, model: str, **changes) -> LLMEngine:
@@ -146,6 +147,9 @@ class ControlledEngine:
         text, token_ids = parse_prompt(prompt, self.tokenizer, vocab)
         if text is None:
             text = self.tokenizer.decode(token_ids)
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(f"prompt is {len(token_ids)} tokens, longer than max_model_len="
+                                     f"{self.max_model_len} (of {self.source.name}) allows")
         return ControlledRequest(f"c{next(self._request_ids)}", text, token_ids, params)
 
     @locked
@@ -439,8 +443,11 @@ class ControlledEngine:
     def stats(self) -> dict:
         active = self.active
         engine_stats = active.engine.stats() if active is not None else {}
+        profiling = self.profiling.engine.stats() if self.profiling is not None else {}
         return {
             **engine_stats,
+            "num_running": engine_stats.get("num_running", 0) + profiling.get("num_running", 0),
+            "num_waiting": engine_stats.get("num_waiting", 0) + profiling.get("num_waiting", 0) + len(self.pending),
             "control": {
                 "slo": dataclasses.asdict(self.slo),
                 "active_model": None if active is None else active.model,

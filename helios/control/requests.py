@@ -29,6 +29,10 @@ class ControlledSeq:
     def is_finished(self) -> bool:
         return self.failed is not None or (self.seq is not None and self.seq.is_finished)
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.prefix_token_ids) + (self.seq.num_output_tokens if self.seq is not None else 0)
+
     def stable_text(self) -> str:
         if self.seq is None:
             return self.prefix_text

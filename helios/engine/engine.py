@@ -19,7 +19,7 @@ from helios.config import EngineConfig
 from helios.engine.output_processor import OutputProcessor
 from helios.engine.outputs import RequestOutput
 from helios.engine.probes import ProbeLog
-from helios.engine.prompts import parse_prompt
+from helios.engine.prompts import PromptTooLongError, parse_prompt
 from helios.engine.runner import ModelRunner
 from helios.engine.scheduler import ScheduledSeq, Scheduler
 from helios.engine.sequence import Request, Sequence, Status
@@ -165,8 +165,8 @@ class LLMEngine:
         params = params.clone()  # validated again here: attributes may have been changed since construction
         text, token_ids = parse_prompt(prompt, self.tokenizer, self.model.vocab_size)
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens, longer than max_model_len={self.max_model_len} "
-                             "allows (it needs room for at least one generated token)")
+            raise PromptTooLongError(f"prompt is {len(token_ids)} tokens, longer than max_model_len="
+                                     f"{self.max_model_len} allows (it needs room for at least one generated token)")
         if any(t >= self.model.vocab_size for t in params.stop_token_ids or []):
             raise ValueError(f"SamplingParams.stop_token_ids has ids >= vocab size {self.model.vocab_size}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -402,6 +402,8 @@ class LLMEngine:
             "kv_cache_sizing": self.kv_sizing,
             "max_model_len": self.max_model_len,
             "max_concurrent_seqs": min(self.config.max_num_seqs, kv.num_blocks // blocks_per_seq),
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_caching": self.scheduler.prefix_caching,
             "prefix_cache_hit_rate": round(self.scheduler.num_cached_tokens / max(1, self.scheduler.num_prompt_tokens),

@@ -9,6 +9,10 @@ def is_token_ids(value) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the context (max_model_len) for a generated token."""
+
+
 def parse_prompt(prompt, tokenizer, vocab_size: int) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of one prompt; raises naming what is wrong."""
     text = None

@@ -110,6 +110,22 @@ def test_abort_by_request_id_from_another_thread(llm):
     llm.abort("no-such-request")  # ignored
 
 
+def test_abort_of_a_request_still_waiting_for_the_batch(checkpoints):
+    one_at_a_time = LLM(checkpoints["llama"], dtype="float32", kv_cache_blocks=64, max_num_seqs=1)
+    engine = one_at_a_time.engine
+    first, second = (engine.make_request(p, GREEDY) for p in PROMPTS[:2])
+    engine.add_request(first)
+    engine.add_request(second)
+    engine.step()  # only the first runs; the second waits for a slot
+    assert second.seqs[0] in engine.scheduler.waiting
+    assert engine.abort(second.request_id)
+    assert second.seqs[0].finish_reason == "abort" and not engine.scheduler.waiting
+    while engine.has_unfinished():
+        engine.step()
+    assert first.seqs[0].finish_reason == "length"
+    assert_idle(one_at_a_time)
+
+
 def test_one_llm_serves_two_threads(llm):
     prompts = [PROMPTS[:4], PROMPTS[4:]]
     want = [[o.outputs[0].token_ids for o in llm.generate(p, GREEDY, use_tqdm=False)] for p in prompts]

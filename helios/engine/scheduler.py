@@ -126,6 +126,8 @@ class Scheduler:
         seq.num_published_blocks = full
 
     def finish(self, seq: Sequence) -> None:
+        """Ends a sequence, running or still waiting (an abort may come before it was ever scheduled)."""
+        queue = self.running if seq.status is Status.RUNNING else self.waiting
         seq.status = Status.FINISHED
         self.allocator.free_sequence(seq.seq_id)
-        self.running.remove(seq)
+        queue.remove(seq)

@@ -12,6 +12,7 @@ retried alone, by recompute): that request fails with RequestFailedError, the ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -194,14 +195,21 @@ class AsyncLLM:
     # ---- the engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.clear()
-            if not self._drain_inbox():
-                return
-            if self.engine.has_unfinished():
-                self._step()
-            else:
-                self._refresh_stats(force=True)
-                self._wake.wait()
+            try:
+                self._wake.clear()
+                if not self._drain_inbox():
+                    return
+                if self.engine.has_unfinished():
+                    self._step()
+                else:
+                    self._refresh_stats(force=True)
+                    self._wake.wait()
+            except Exception as e:  # a bug outside a step: the loop must live on, so what was in flight fails
+                logger.exception("engine loop failed; failing the requests in flight")
+                for entry in list(self._entries.values()):
+                    with contextlib.suppress(Exception):
+                        self.engine.abort(entry.request.request_id)
+                    self._fail(entry, RequestFailedError(f"the engine loop failed: {e}"))
 
     def _drain_inbox(self) -> bool:
         """Carries out queued adds and aborts; False once told to stop (after aborting everything)."""

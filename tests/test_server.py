@@ -108,6 +108,41 @@ def test_completions_whole_and_streamed_equal_the_offline_api(stories_server, cl
     assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
 
 
+def test_a_streamed_batch_of_prompts_keeps_each_choice_apart(stories_server):
+    url, _ = stories_server
+    want = offline_texts(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12))
+    body = {"prompt": PROMPTS[:2], "max_tokens": 12, "temperature": 0, "stream": True}
+    texts, finish = ["", ""], [None, None]
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    assert finish[choice["index"]] is None  # nothing after a choice's finish
+                    texts[choice["index"]] += choice["text"]
+                    finish[choice["index"]] = choice["finish_reason"]
+    assert texts == want and None not in finish
+
+
+def test_the_event_loop_answers_while_a_step_runs(stories_server, monkeypatch):
+    """The engine steps in its own thread: a slow step does not hold up other HTTP traffic."""
+    url, llm = stories_server
+    runner = llm.engine.runner
+    real_step = runner.step
+
+    def slow_step(batch):
+        time.sleep(2.0)
+        return real_step(batch)
+
+    monkeypatch.setattr(runner, "step", slow_step)
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Mom", "max_tokens": 2, "stream": True},
+                      timeout=60) as response:
+        started = time.monotonic()
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        answered = time.monotonic() - started
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert answered < 1.5 and lines  # far less than the 2 s step it overlapped
+
+
 def test_chat_uses_the_chat_template_whole_and_streamed(stories_server, client):
     _, llm = stories_server
     messages = [{"role": "user", "content": "Tell me a story"}]
@@ -160,6 +195,38 @@ def test_metrics_list_requests_tokens_latency_and_engine_state(stories_server, c
     length = float(text.split('helios_requests_total{status="length"} ')[1].split()[0])
     assert length >= 1
     assert "helios_energy" not in text  # no GPU here: no energy metrics, and no error
+
+
+class FakeNvml:
+    """NVML's energy counter (millijoules since the driver loaded), advancing 1.5 J per read."""
+
+    def __init__(self):
+        self.mj = 10_000
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        self.mj += 1500
+        return self.mj
+
+
+def test_energy_metrics_appear_with_a_gpu_meter_and_never_fail_without(stories_server):
+    from helios.async_llm import RequestTimes
+    from helios.server.energy import EnergyMeter, energy_meter
+    from helios.server.metrics import ServerMetrics
+
+    _, llm = stories_server
+    assert energy_meter("cpu") is None
+    metrics = ServerMetrics(llm, EnergyMeter(FakeNvml(), handle=0))  # reads the baseline
+    out = asyncio.run(_one_output(llm))
+    metrics.finished(out, RequestTimes(arrival=0.0, first_token=0.1, finished=0.4))
+    text = metrics.render().decode()  # one more read: 1.5 J since the baseline
+    assert float(text.split("\nhelios_energy_joules_total ")[1].split()[0]) == 1.5
+    per_token = float(text.split("\nhelios_energy_joules_per_token ")[1].split()[0])
+    assert per_token == pytest.approx(1.5 / 4)
+
+
+async def _one_output(llm: AsyncLLM):
+    outputs = [out async for out in llm.generate("Mom said", SamplingParams(max_tokens=4, ignore_eos=True))]
+    return outputs[-1]
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------

@@ -76,6 +76,10 @@ def build_app(llm: AsyncLLM, served_model_names: list[str] | None = None,
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(str(error.detail), error.status_code, kind).body(), status_code=error.status_code)
 
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, error: ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it: nginx's code for a client that closed the request
+
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
         return JSONResponse(APIError(f"internal error: {error}", 500, "server_error").body(), status_code=500)
@@ -237,48 +241,39 @@ class OpenAIServing:
             raise APIError(str(e), 500, "server_error") from e
         except ClientDisconnected:
             _abort(streams)
-            return Response(status_code=499)
+            raise
 
     # ---- streaming --------------------------------------------------------------------------------------------
     async def _completion_chunks(self, body: CompletionRequest, streams, response_id, created, model):
-        sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) sent
+        head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
+        progress = _Progress()
         finished: list[RequestOutput] = []
         async for i, output in self._merged(streams):
             choices = []
-            for c in output.outputs:
-                index = i * body.n + c.index
-                chars, tokens = sent.get(index, (0, 0))
-                if chars < 0 or (len(c.text) == chars and c.finish_reason is None):
-                    continue  # finished already, or nothing new
-                choice = {"index": index, "text": c.text[chars:], "logprobs": None, "finish_reason": c.finish_reason}
-                self._telemetry(body, choice, streams[i], c, tokens)
-                sent[index] = (-1, 0) if c.finish_reason is not None else (len(c.text), len(c.token_ids))
+            for c, text, start in progress.news(output, offset=i * body.n):
+                choice = {"index": i * body.n + c.index, "text": text, "logprobs": None,
+                          "finish_reason": c.finish_reason}
+                self._telemetry(body, choice, streams[i], c, start)
                 choices.append(choice)
             if choices:
-                yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": choices}
+                yield {**head, "choices": choices}
             if output.finished:
                 finished.append(output)
         if body.include_usage:
-            yield {"id": response_id, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": _usage(finished)}
+            yield {**head, "choices": [], "usage": _usage(finished)}
 
     async def _chat_chunks(self, body: ChatCompletionRequest, stream: RequestStream, response_id, created, model):
         head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
         yield {**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None} for j in range(body.n)]}
-        sent: dict[int, tuple[int, int]] = {}
+        progress = _Progress()
         last = None
         async for _, last in self._merged([stream]):
             choices = []
-            for c in last.outputs:
-                chars, tokens = sent.get(c.index, (0, 0))
-                if chars < 0 or (len(c.text) == chars and c.finish_reason is None):
-                    continue
-                delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
-                choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": c.finish_reason}
-                self._telemetry(body, choice, stream, c, tokens)
-                sent[c.index] = (-1, 0) if c.finish_reason is not None else (len(c.text), len(c.token_ids))
+            for c, text, start in progress.news(last):
+                choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": None,
+                          "finish_reason": c.finish_reason}
+                self._telemetry(body, choice, stream, c, start)
                 choices.append(choice)
             if choices:
                 yield {**head, "choices": choices}
@@ -293,6 +288,25 @@ class OpenAIServing:
             depth = (stats.get("control") or {}).get("depth") or stats.get("loaded_layers")
             choice["helios"] = {"exit_layers": c.exit_layers[start:], "confidences": c.confidences[start:],
                                 "model": stream.model(c.index), "depth": depth}
+
+
+class _Progress:
+    """What a stream has sent of each choice, so each chunk carries only what is new."""
+
+    def __init__(self):
+        self.sent: dict[int, tuple[int, int] | None] = {}  # choice -> (characters, tokens) sent; None: finished
+
+    def news(self, output: RequestOutput, offset: int = 0):
+        """(completion, new text, index of its first new token) for each choice with new text or a finish."""
+        for c in output.outputs:
+            key = offset + c.index
+            if key in self.sent and self.sent[key] is None:
+                continue
+            chars, tokens = self.sent.get(key) or (0, 0)
+            if len(c.text) == chars and c.finish_reason is None:
+                continue
+            self.sent[key] = None if c.finish_reason is not None else (len(c.text), len(c.token_ids))
+            yield c, c.text[chars:], tokens
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:

@@ -18,8 +18,8 @@ logger = logging.getLogger("helios")
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, served_model_names: list[str] | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", **llm_kwargs) -> int:
     llm = AsyncLLM(models if len(models) > 1 else models[0], **llm_kwargs)
-    if served_model_names is None and len(models) > 1:
-        served_model_names = ["helios", *models]  # the control plane picks the model: any name reaches it
+    if served_model_names is None:  # as the command line spells them; with several, the control plane picks
+        served_model_names = [str(models[0])] if len(models) == 1 else ["helios", *map(str, models)]
     app = build_app(llm, served_model_names)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)

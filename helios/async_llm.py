@@ -68,6 +68,7 @@ class RequestStream:
         self.request_id: str = entry.request.request_id
         self.times = entry.times
         self.finished = False
+        self.recorded = False  # for the application: whether it has accounted for this request's outcome yet
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._outputs()

@@ -197,6 +197,11 @@ class OpenAIServing:
             raise
         finally:
             stream.abort()
+            self._record(stream, last, status)
+
+    def _record(self, stream: RequestStream, last: RequestOutput | None, status: str | None) -> None:
+        if not stream.recorded:
+            stream.recorded = True
             self.metrics.finished(last, stream.times, status)
 
     async def _merged(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -240,6 +245,9 @@ class OpenAIServing:
         except RequestFailedError as e:
             raise APIError(str(e), 500, "server_error") from e
         except ClientDisconnected:
+            for stream in streams:  # counted now: a stream whose reader was cancelled before it began is not
+                if not stream.finished:
+                    self._record(stream, None, "abort")
             _abort(streams)
             raise
 

@@ -15,6 +15,9 @@ TORCH_LIBRARY(helios, m) {
   m.def(
       "distill_rows_(Tensor(a!) logits, Tensor probs, Tensor target, float ce_weight, float grad_scale, "
       "bool write_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(helios, CPU, m) {
@@ -22,6 +25,9 @@ TORCH_LIBRARY_IMPL(helios, CPU, m) {
   m.impl("paged_attention", &helios::paged_attention_cpu);
   m.impl("softmax_rows_", &helios::softmax_rows_cpu);
   m.impl("distill_rows_", &helios::distill_rows_cpu);
+  m.impl("rms_norm", &helios::rms_norm_cpu);
+  m.impl("rotary_embedding", &helios::rotary_embedding_cpu);
+  m.impl("silu_and_mul", &helios::silu_and_mul_cpu);
 }
 
 namespace py = pybind11;

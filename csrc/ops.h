@@ -30,6 +30,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_rows_cpu(at::Tensor& logi
                                                                  const at::Tensor& target, double ce_weight,
                                                                  double grad_scale, bool write_grad);
 
+// Decoder-layer ops (CPU; see cpu/layer_ops.cpp), each the one-pass form of its torch reference in
+// helios/ops/layer_ops.py. x: [..., d] with a contiguous last dimension.
+// rms_norm: weight * (x_fp32 * rsqrt(mean(x²) + eps)).to(dtype), Llama's op order.
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
+// rotary_embedding: query/key [tokens, heads, head_dim] rotated in place (rotate-half / NeoX layout) by the rows
+// cos[positions], sin[positions] of [max_positions, head_dim] tables.
+void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& cos,
+                          const at::Tensor& sin);
+// silu_and_mul: x = gate | up along the last dimension; returns silu(gate) * up.
+at::Tensor silu_and_mul_cpu(const at::Tensor& x);
+
 // Shared argument checks (same messages on every device).
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from helios.model.checkpoint import Checkpoint
+from helios.ops.layer_ops import rotary_reference
 
 
 class RotaryEmbedding:
@@ -34,15 +35,8 @@ class RotaryEmbedding:
         self.cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)  # [tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+        return rotary_reference(q, k, positions, self.cos, self.sin)
 
 
 class WeightReader:

@@ -14,8 +14,9 @@ from transformers.activations import ACT2FN
 from helios.model.base import DecoderModel
 from helios.model.layers import RotaryEmbedding, WeightReader
 from helios.ops import AttentionMetadata, PagedAttentionOps
+from helios.ops.layer_ops import LayerOps
 from helios.ops.linear import Linear
-from helios.ops.norm import Norm, rms_norm
+from helios.ops.norm import Norm
 
 
 @dataclass
@@ -50,6 +51,8 @@ class LlamaModel(DecoderModel):
         self.vocab_size = config.vocab_size
         self.eps = config.rms_norm_eps
         self.act = ACT2FN[config.hidden_act]
+        self.layer_ops = LayerOps(reader.device)
+        self.silu = config.hidden_act == "silu"  # the fused gated MLP; other activations go through self.act
         self.scale = self.head_dim**-0.5
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.config = config
@@ -98,14 +101,17 @@ class LlamaModel(DecoderModel):
 
     def _qkv(self, w: LlamaLayer, hidden: torch.Tensor, positions: torch.Tensor):
         tokens = hidden.shape[0]
-        q, k, v = w.qkv(rms_norm(hidden, w.input_norm, self.eps)).split(self.qkv_split, dim=-1)
-        q, k = self.rotary(q.view(tokens, self.num_heads, self.head_dim),
-                           k.view(tokens, self.num_kv_heads, self.head_dim), positions)
+        q, k, v = w.qkv(self.layer_ops.rms_norm(hidden, w.input_norm, self.eps)).split(self.qkv_split, dim=-1)
+        q, k = self.layer_ops.rotary(q.view(tokens, self.num_heads, self.head_dim),
+                                     k.view(tokens, self.num_kv_heads, self.head_dim), positions,
+                                     self.rotary.cos, self.rotary.sin)
         return q, k, v.view(tokens, self.num_kv_heads, self.head_dim)
 
     def layer(self, index, hidden, positions, kv, meta: AttentionMetadata):
         w = self.layers[index]
-        hidden = hidden + w.o_proj(self._attend(w, hidden, positions, kv, meta))
-        x = rms_norm(hidden, w.post_norm, self.eps)
-        gate, up = w.gate_up(x).chunk(2, dim=-1)
-        return hidden + w.down(self.act(gate) * up)
+        hidden = w.o_proj.add(self._attend(w, hidden, positions, kv, meta), hidden)
+        gate_up = w.gate_up(self.layer_ops.rms_norm(hidden, w.post_norm, self.eps))
+        if self.silu:
+            return w.down.add(self.layer_ops.silu_and_mul(gate_up), hidden)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return w.down.add(self.act(gate) * up, hidden)

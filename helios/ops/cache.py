@@ -1,6 +1,7 @@
 """Fake (meta) kernels of helios._C's tensor ops, so torch.compile, FakeTensor and opcheck understand them.
 
-The cache ops mutate their arguments and return nothing; the softmax-row ops return per-row vectors.
+The cache ops and rotary_embedding mutate their arguments and return nothing; the softmax-row ops return per-row
+vectors; rms_norm and silu_and_mul return new tensors.
 """
 
 from __future__ import annotations
@@ -29,3 +30,18 @@ def _softmax_rows_fake(logits):
 def _distill_rows_fake(logits, probs, target, ce_weight, grad_scale, write_grad):
     rows = logits.shape[0]
     return logits.new_empty(rows), logits.new_empty(rows), logits.new_empty(rows, dtype=torch.int64)
+
+
+@torch.library.register_fake("helios::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("helios::rotary_embedding")
+def _rotary_embedding_fake(positions, query, key, cos, sin) -> None:
+    return None
+
+
+@torch.library.register_fake("helios::silu_and_mul")
+def _silu_and_mul_fake(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)

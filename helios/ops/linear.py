@@ -45,3 +45,9 @@ class Linear:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ + b + residual; on CPU the residual add is fused into the oneDNN matmul (one op, no temporary)."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        return torch.add(F.linear(x, self.weight, self.bias), residual)

@@ -188,7 +188,7 @@ def read_bytes_per_step(model) -> int:
     """Weights a decode step must read: every loaded layer, the final norm and the LM head once. The embedding is
     only indexed (B rows), unless it is also the head itself (tied, and no separately packed copy of the head)."""
     embed = model.embed_tokens.numel() * model.embed_tokens.element_size()
-    head_is_embedding = model.lm_head is model.embed_tokens and not model.head.packed
+    head_is_embedding = model.lm_head is model.embed_tokens and model.head.nbytes == 0
     return model.weight_bytes - (0 if head_is_embedding else embed)
 
 

@@ -18,6 +18,11 @@ TORCH_LIBRARY(helios, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scale, int out_features, Tensor? bias=None, "
+      "Tensor? residual=None) -> Tensor");
+  m.def(
+      "int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
+      "Tensor? bias=None, Tensor? residual=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(helios, CPU, m) {
@@ -28,6 +33,8 @@ TORCH_LIBRARY_IMPL(helios, CPU, m) {
   m.impl("rms_norm", &helios::rms_norm_cpu);
   m.impl("rotary_embedding", &helios::rotary_embedding_cpu);
   m.impl("silu_and_mul", &helios::silu_and_mul_cpu);
+  m.impl("int8_linear", &helios::int8_linear_cpu);
+  m.impl("int4_linear", &helios::int4_linear_cpu);
 }
 
 namespace py = pybind11;

@@ -41,6 +41,15 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Te
 // silu_and_mul: x = gate | up along the last dimension; returns silu(gate) * up.
 at::Tensor silu_and_mul_cpu(const at::Tensor& x);
 
+// Weight-only quantized linears (see cpu/quant_ops.cpp for the tiled layouts): x float32 [..., K] -> [..., N],
+// plus optional bias [N] and residual [..., N].
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& residual);
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& residual);
+
 // Shared argument checks (same messages on every device).
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping);

@@ -9,6 +9,7 @@ import torch
 
 from helios.exits.config import ExitConfig
 from helios.model.checkpoint import LOAD_FORMATS
+from helios.ops.quant import check_quantization
 from helios.utils.memory import parse_bytes
 
 
@@ -37,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     early_exit: ExitConfig | None = None
     load_format: str = "auto"
+    quantization: str | None = None  # weight-only "int8" / "int4" linears (CPU)
     # vLLM's constructor names, honoured or refused with what helios does instead
     tokenizer: str | Path | None = None
     gpu_memory_utilization: float | None = None
@@ -65,6 +67,7 @@ class EngineConfig:
             raise TypeError(f"enable_prefix_caching must be a bool, got {type(self.enable_prefix_caching).__name__}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        check_quantization(self.quantization)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, Path)):

@@ -35,6 +35,9 @@ class LLM:
     early_exit=ExitConfig(...) lets tokens leave the layer stack at confident exits (None: plain decoding).
     load_format="dummy" fills the model's real shapes with random weights (for benchmarks, as in vLLM): the
     directory then needs only config.json and a tokenizer.
+    quantization="int8" | "int4" stores the decoder linears as int8 (a scale per output channel) or int4 (groups
+    of 32, Q4_1) and the LM head as int8, dequantized on the fly by CPU kernels; activations stay float32. Fewer
+    weight bytes per token (faster decode) and more KV blocks in the same memory budget. CPU only.
     vLLM's names: tokenizer (a tokenizer directory other than the model's), gpu_memory_utilization (CUDA: the
     share of GPU memory for weights + activations + KV), seed, enforce_eager (helios always runs eagerly),
     trust_remote_code (helios never runs checkpoint code), tensor_parallel_size (1: helios runs on one device).
@@ -53,6 +56,7 @@ class LLM:
                  max_num_seqs: int = 256, max_model_len: int | None = None, num_layers: int | None = None,
                  max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
                  early_exit: ExitConfig | None = None, load_format: str = "auto", *,
+                 quantization: str | None = None,
                  tokenizer: str | Path | None = None, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
                  slo: SLO | str | dict | None = None, repository: str | Path | None = None):
@@ -69,7 +73,7 @@ class LLM:
                               max_model_len=max_model_len, num_layers=num_layers,
                               max_num_batched_tokens=max_num_batched_tokens, seed=seed,
                               enable_prefix_caching=enable_prefix_caching, early_exit=early_exit,
-                              load_format=load_format, tokenizer=tokenizer,
+                              load_format=load_format, quantization=quantization, tokenizer=tokenizer,
                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                               trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size)
         if controlled:

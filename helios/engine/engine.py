@@ -53,6 +53,9 @@ class LLMEngine:
         self.source = resolve_model(config.model)
         hf = self.source.config
         check_supported(hf)
+        if config.quantization is not None and self.device.type != "cpu":
+            raise ValueError(f"quantization={config.quantization!r} runs on CPU only (its kernels are in helios._C's "
+                             f"CPU build); on {self.device.type} serve the float model (quantization=None)")
         total_layers = hf.num_hidden_layers
         num_layers = config.num_layers if config.num_layers is not None else total_layers
         if not 1 <= num_layers <= total_layers:
@@ -76,7 +79,7 @@ class LLMEngine:
                            "never runs code from a checkpoint")
 
         self.model = load_model(hf, checkpoint, num_layers, self.max_model_len, self.dtype, self.device,
-                                PagedAttentionOps(self.device))
+                                PagedAttentionOps(self.device), config.quantization)
         self.checkpoint = checkpoint
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.early_exit = config.early_exit
@@ -263,7 +266,8 @@ class LLMEngine:
                          "exit_policy")}
         unfinished = [*self.scheduler.running, *self.scheduler.waiting]
         try:
-            model.grow(weight_reader(self.source.config, self.checkpoint, self.dtype, self.device), depth)
+            model.grow(weight_reader(self.source.config, self.checkpoint, self.dtype, self.device,
+                                       self.config.quantization), depth)
             self.exit_policy = exit_policy
             self._build_kv_and_runner()
         except BaseException:

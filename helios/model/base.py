@@ -145,10 +145,11 @@ class DecoderModel:
                 raise ValueError(f"lm_head.weight has shape {tuple(self.lm_head.shape)}, expected "
                                  f"{(self.vocab_size, self.embed_tokens.shape[1])}")
             reader.count(self.lm_head)
-        self.head = PackedHead(self.lm_head)
+        self.head = PackedHead(self.lm_head, quantization=reader.quantization)
         head_bytes = self.lm_head.numel() * self.lm_head.element_size()
-        extra = head_bytes if self.head.packed else 0  # a second, packed copy of the head lives beside the plain one
-        self.weight_bytes = reader.bytes_loaded + extra
+        # the head's prepared copy (oneDNN-packed or int8) lives beside the plain tensor, which the embedding (when
+        # tied), the exit-head kernels and exit tuning read
+        self.weight_bytes = reader.bytes_loaded + self.head.nbytes
         self.num_parameters = reader.params_loaded
         # where the bytes are: the embedding and the LM head (the tied head is the embedding) dominate small models
         self.embedding_bytes = self.embed_tokens.numel() * self.embed_tokens.element_size()

@@ -85,18 +85,18 @@ class Gemma3Model(DecoderModel):
 
         return Gemma3Layer(
             input_norm=norm(p + "input_layernorm.weight"),
-            qkv=Linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
+            qkv=reader.linear(torch.cat([reader.get(p + "self_attn.q_proj.weight", (q_out, d)),
                                   reader.get(p + "self_attn.k_proj.weight", (kv_out, d)),
                                   reader.get(p + "self_attn.v_proj.weight", (kv_out, d))])),
             q_norm=norm(p + "self_attn.q_norm.weight", self.head_dim),
             k_norm=norm(p + "self_attn.k_norm.weight", self.head_dim),
-            o_proj=Linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out))),
+            o_proj=reader.linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out))),
             post_attention_norm=norm(p + "post_attention_layernorm.weight"),
             pre_feedforward_norm=norm(p + "pre_feedforward_layernorm.weight"),
             post_feedforward_norm=norm(p + "post_feedforward_layernorm.weight"),
-            gate_up=Linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
+            gate_up=reader.linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
                                       reader.get(p + "mlp.up_proj.weight", (inter, d))])),
-            down=Linear(reader.get(p + "mlp.down_proj.weight", (d, inter))),
+            down=reader.linear(reader.get(p + "mlp.down_proj.weight", (d, inter))),
             sliding_window=config.sliding_window if layer_type == "sliding_attention" else -1,
             rotary=self._rotary[layer_type],
         )

@@ -7,6 +7,8 @@ import torch
 
 from helios.model.checkpoint import Checkpoint
 from helios.ops.layer_ops import rotary_reference
+from helios.ops.linear import Linear
+from helios.ops.quant import QuantizedLinear, check_quantization
 
 
 class RotaryEmbedding:
@@ -42,8 +44,11 @@ class RotaryEmbedding:
 class WeightReader:
     """Reads named tensors of one checkpoint in the serving dtype/device and counts the bytes loaded."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefixes: tuple[str, ...]):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefixes: tuple[str, ...],
+                 quantization: str | None = None):
+        check_quantization(quantization)
         self.checkpoint = checkpoint
+        self.quantization = quantization  # how linear() stores decoder weights
         self.dtype = dtype
         self.device = device
         self.prefixes = prefixes  # e.g. ("model.", "") so that both saved layouts load
@@ -72,6 +77,14 @@ class WeightReader:
     def count(self, tensor: torch.Tensor) -> None:
         self.bytes_loaded += tensor.numel() * tensor.element_size()
         self.params_loaded += tensor.numel()
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear | QuantizedLinear:
+        """A decoder linear over weights read by get(): quantized when the model is, its bytes recounted."""
+        if self.quantization is None:
+            return Linear(weight, bias)
+        quantized = QuantizedLinear(weight, bias, self.quantization)
+        self.bytes_loaded += quantized.nbytes - weight.numel() * weight.element_size()
+        return quantized
 
     def maybe(self, suffix: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
         return self.get(suffix, shape) if self.has(suffix) else None

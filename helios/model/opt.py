@@ -74,13 +74,13 @@ class OPTModel(DecoderModel):
         qkv_bias = [b(p + f"self_attn.{n}_proj.bias", (d,)) for n in "qkv"]
         return OPTLayer(
             attn_norm=self._norm(reader, p + "self_attn_layer_norm"),
-            qkv=Linear(torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
+            qkv=reader.linear(torch.cat([reader.get(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkv"]),
                        torch.cat(qkv_bias) if self.linear_bias else None),
-            out_proj=Linear(reader.get(p + "self_attn.out_proj.weight", (d, d)),
+            out_proj=reader.linear(reader.get(p + "self_attn.out_proj.weight", (d, d)),
                             b(p + "self_attn.out_proj.bias", (d,))),
             mlp_norm=self._norm(reader, p + "final_layer_norm"),
-            fc1=Linear(reader.get(p + "fc1.weight", (ffn, d)), b(p + "fc1.bias", (ffn,))),
-            fc2=Linear(reader.get(p + "fc2.weight", (d, ffn)), b(p + "fc2.bias", (d,))),
+            fc1=reader.linear(reader.get(p + "fc1.weight", (ffn, d)), b(p + "fc1.bias", (ffn,))),
+            fc2=reader.linear(reader.get(p + "fc2.weight", (d, ffn)), b(p + "fc2.bias", (d,))),
         )
 
     def embed(self, input_ids, positions):

@@ -33,14 +33,15 @@ def check_supported(config) -> None:
         raise ValueError(f"unsupported architecture {model_type!r} {archs}; helios supports: {', '.join(SUPPORTED)}")
 
 
-def weight_reader(config, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> WeightReader:
+def weight_reader(config, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                  quantization: str | None = None) -> WeightReader:
     """A reader of this architecture's tensors (its name prefixes) in the serving dtype and device."""
     check_supported(config)
-    return WeightReader(checkpoint, dtype, device, ARCHITECTURES[config.model_type][1])
+    return WeightReader(checkpoint, dtype, device, ARCHITECTURES[config.model_type][1], quantization)
 
 
 def load_model(config, checkpoint: Checkpoint, num_layers: int, max_positions: int, dtype: torch.dtype,
-               device: torch.device, ops: PagedAttentionOps) -> DecoderModel:
+               device: torch.device, ops: PagedAttentionOps, quantization: str | None = None) -> DecoderModel:
     cls = ARCHITECTURES[config.model_type][0] if config.model_type in ARCHITECTURES else None
-    reader = weight_reader(config, checkpoint, dtype, device)
+    reader = weight_reader(config, checkpoint, dtype, device, quantization)
     return cls(config, reader, num_layers, max_positions, ops)

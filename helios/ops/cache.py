@@ -1,7 +1,7 @@
 """Fake (meta) kernels of helios._C's tensor ops, so torch.compile, FakeTensor and opcheck understand them.
 
 The cache ops and rotary_embedding mutate their arguments and return nothing; the softmax-row ops return per-row
-vectors; rms_norm and silu_and_mul return new tensors.
+vectors; rms_norm, silu_and_mul and the quantized linears return new tensors.
 """
 
 from __future__ import annotations
@@ -45,3 +45,13 @@ def _rotary_embedding_fake(positions, query, key, cos, sin) -> None:
 @torch.library.register_fake("helios::silu_and_mul")
 def _silu_and_mul_fake(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("helios::int8_linear")
+def _int8_linear_fake(x, qweight, scale, out_features, bias=None, residual=None):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("helios::int4_linear")
+def _int4_linear_fake(x, qweight, scale, minimum, out_features, bias=None, residual=None):
+    return x.new_empty(*x.shape[:-1], out_features)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from helios.ops.linear import Linear
 from helios.ops.norm import Norm
+from helios.ops.quant import QuantizedLinear
 
 # vocabulary rows per chunk: [B, 32768] fp32 transient instead of [B, vocab]. Larger chunks were never slower on
 # 2 CPU cores (Gemma 3's 262k head, batch 16: 58 ms per head pass at 32768 rows vs 67 ms at 8192; SmolLM2's 49k:
@@ -27,15 +28,28 @@ CHUNK = 32768
 
 
 class PackedHead:
-    """The LM head split into vocabulary chunks, each prepared for fast matmuls (oneDNN-packed on CPU)."""
+    """The LM head split into vocabulary chunks, each prepared for fast matmuls (oneDNN-packed on CPU, or int8
+    when the model is quantized: the head is the largest single matrix of a small model, and int8 keeps
+    greedy choices where int4 would move them)."""
 
-    def __init__(self, lm_head: torch.Tensor, chunk: int = CHUNK):
+    def __init__(self, lm_head: torch.Tensor, chunk: int = CHUNK, quantization: str | None = None):
         self.vocab_size = lm_head.shape[0]
-        self.chunks = [(start, Linear(lm_head[start:start + chunk])) for start in range(0, self.vocab_size, chunk)]
+
+        def prepare(rows: torch.Tensor):
+            return Linear(rows) if quantization is None else QuantizedLinear(rows, None, "int8")
+
+        self.chunks = [(start, prepare(lm_head[start:start + chunk])) for start in range(0, self.vocab_size, chunk)]
 
     @property
-    def packed(self) -> bool:
-        return self.chunks[0][1].packed is not None
+    def nbytes(self) -> int:
+        """Bytes of the head's own prepared copy (0 when the chunks are views of the plain tensor)."""
+        total = 0
+        for _, linear in self.chunks:
+            if isinstance(linear, QuantizedLinear):
+                total += linear.nbytes
+            elif linear.packed is not None:
+                total += linear.out_features * linear.in_features * linear.packed.element_size()
+        return total
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full logits [B, vocab] (plain decoding and sampling need them)."""

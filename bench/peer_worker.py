@@ -71,9 +71,14 @@ def run_llamacpp(job: dict):
     batch_max = max(job["batches"])
     longest = max(len(p) for p in job["prompts"]) + job["max_tokens"]
     llm = llama_cpp.Llama(model_path=job["model"], n_ctx=batch_max * (longest + 8), n_batch=2048, n_ubatch=512,
-                          n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False,
-                          n_seq_max=batch_max, kv_unified=True)
-    ctx, n_vocab = llm.ctx, llm.n_vocab()
+                          n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
+    # the high-level context holds one sequence: make one that holds the whole batch (one unified KV cache)
+    params = llm.context_params
+    params.n_seq_max, params.kv_unified = batch_max, True
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
+    n_vocab = llm.n_vocab()
     batch = llama_cpp.llama_batch_init(2048, 0, batch_max)
 
     def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)

@@ -70,8 +70,8 @@ def run_llamacpp(job: dict):
 
     batch_max = max(job["batches"])
     longest = max(len(p) for p in job["prompts"]) + job["max_tokens"]
-    llm = llama_cpp.Llama(model_path=job["model"], n_ctx=max(512, batch_max * (longest + 8)), n_batch=2048, n_ubatch=512,
-                          n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
+    llm = llama_cpp.Llama(model_path=job["model"], n_ctx=max(512, batch_max * (longest + 8)), n_batch=2048,
+                          n_ubatch=512, n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
     # the high-level context holds one sequence: make one that holds the whole batch (one unified KV cache)
     params = llm.context_params
     params.n_seq_max, params.kv_unified = batch_max, True

@@ -18,8 +18,9 @@ TORCH_LIBRARY(helios, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scale, int out_features, Tensor? bias=None, "
-      "Tensor? residual=None) -> Tensor");
+  m.def(
+      "int8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
+      "Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def(
       "int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");

@@ -44,7 +44,7 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x);
 // Weight-only quantized linears (see cpu/quant_ops.cpp for the tiled layouts): x float32 [..., K] -> [..., N],
 // plus optional bias [N] and residual [..., N].
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                           int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual);
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,

@@ -35,9 +35,10 @@ class LLM:
     early_exit=ExitConfig(...) lets tokens leave the layer stack at confident exits (None: plain decoding).
     load_format="dummy" fills the model's real shapes with random weights (for benchmarks, as in vLLM): the
     directory then needs only config.json and a tokenizer.
-    quantization="int8" | "int4" stores the decoder linears as int8 (a scale per output channel) or int4 (groups
-    of 32, Q4_1) and the LM head as int8, dequantized on the fly by CPU kernels; activations stay float32. Fewer
-    weight bytes per token (faster decode) and more KV blocks in the same memory budget. CPU only.
+    quantization="int8" | "int4" stores the decoder linears as int8 or int4 in groups of 32 with a scale and a
+    minimum each (int4: Q4_1; int8 holds Q4_1 and Q8_0 blocks exactly) and the LM head as int8, dequantized on
+    the fly by CPU kernels; activations stay float32. Fewer weight bytes per token (faster decode) and more KV
+    blocks in the same memory budget. CPU only.
     vLLM's names: tokenizer (a tokenizer directory other than the model's), gpu_memory_utilization (CUDA: the
     share of GPU memory for weights + activations + KV), seed, enforce_eager (helios always runs eagerly),
     trust_remote_code (helios never runs checkpoint code), tensor_parallel_size (1: helios runs on one device).

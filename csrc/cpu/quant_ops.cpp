@@ -1,6 +1,6 @@
-// CPU weight-only quantized linears: y = x·Wᵀ (+ bias) (+ residual) with W stored as int8 (per output channel
-// scale) or int4 (groups of 32 along K, scale and minimum each, the Q4_1 scheme); activations and accumulation
-// are float32.
+// CPU weight-only quantized linears: y = x·Wᵀ (+ bias) (+ residual) with W stored as 8- or 4-bit integers in
+// groups of 32 along K, each group with a float32 scale and minimum (int4 is llama.cpp's Q4_1; int8 the same with
+// 255 steps, which holds Q4_1 and Q8_0 blocks exactly); activations and accumulation are float32.
 //
 // Decode (few rows) is bound by reading the weights, so the win is the bytes: each thread dequantizes a tile of
 // NR output rows into an L1-resident float buffer once and runs every input row against it (register-blocked
@@ -28,78 +28,57 @@ namespace {
 
 constexpr int64_t kNR = 4;           // output rows per tile: the weights are stored tile by tile (see below)
 constexpr int64_t kMR = 3;           // input rows per register block: 3 x 4 accumulators + 3 inputs + 1 weight
-constexpr int64_t kGroup = 32;       // int4 group size along K
+constexpr int64_t kGroup = 32;       // group size along K (one scale and minimum each)
 constexpr int64_t kDirectM = 3;      // up to here weights are converted in registers (no tile buffer)
 constexpr int64_t kSmallM = 48;      // up to here the tile kernel; above, dequantized slabs + at::mm
 constexpr int64_t kSlabTiles = 256;  // tiles (x kNR rows) dequantized at once on the at::mm path
 
-// Layouts, interleaved by tiles of kNR output rows so that one tile is one sequential stream in memory (four
+// Layout, interleaved by tiles of kNR output rows so that one tile is one sequential stream in memory (four
 // separate row streams ran at a third of the bandwidth):
-//   int8: q [tiles, K/8, kNR, 8], scale [tiles * kNR]            w[n, k] = q * scale[n]
-//   int4: q [tiles, K/32, kNR, 16], scale/minimum [tiles, K/32, kNR]; byte i of a row's 16 holds value i in the
-//         low nibble and value 16 + i in the high one; w = q * scale + minimum (llama.cpp's Q4_1).
+//   q [tiles, K/32, kNR, 32 * Bits / 8], scale/minimum [tiles, K/32, kNR]; w = q * scale + minimum per group of 32
+//   along K. int8 (Bits 8): byte i holds value i. int4 (Bits 4, llama.cpp's Q4_1): byte i holds value i in the low
+//   nibble and value 16 + i in the high one.
 // Rows past out_features are zero padding.
-struct Int8Tiles {
-  const int8_t* q;
-  const float* scale;
-  int64_t K;
-  const int8_t* tile(int64_t t) const { return q + t * K * kNR; }
-  // Row j of tile t, dequantized, into dst[0:K].
-  void dequant(int64_t t, int64_t j, float* dst) const {
-    const int8_t* base = tile(t) + j * 8;
-    const float s = scale[t * kNR + j];
-    for (int64_t kb = 0; kb < K / 8; ++kb) {
-      const int8_t* b = base + kb * kNR * 8;
-#ifdef HELIOS_AVX2
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b));
-      _mm256_storeu_ps(dst + kb * 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
-                                                   _mm256_set1_ps(s)));
-#else
-      for (int i = 0; i < 8; ++i) dst[kb * 8 + i] = static_cast<float>(b[i]) * s;
-#endif
-    }
-  }
-#ifdef HELIOS_AVX2
-  // Weights k..k+8 of row j of tile t, unscaled (finish() applies the row scale to the dot product).
-  __m256 load8(int64_t t, int j, int64_t k) const {
-    const int8_t* b = tile(t) + (k / 8) * kNR * 8 + j * 8;
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
-  }
-#endif
-  float finish(int64_t t, int j, float dot) const { return dot * scale[t * kNR + j]; }
-};
-
-struct Int4Tiles {
+template <int Bits>
+struct GroupTiles {
+  static constexpr int64_t kGroupBytes = kGroup * Bits / 8;
   const uint8_t* q;
   const float* scale;
   const float* minimum;
   int64_t K;
   int64_t groups() const { return K / kGroup; }
-  const uint8_t* tile(int64_t t) const { return q + t * (K / 2) * kNR; }
+  const uint8_t* row(int64_t t, int64_t g, int64_t j) const {
+    return q + ((t * groups() + g) * kNR + j) * kGroupBytes;
+  }
+  int64_t at(int64_t t, int64_t g, int64_t j) const { return (t * groups() + g) * kNR + j; }
+  static int value(const uint8_t* b, int i) {
+    if constexpr (Bits == 8) return b[i];
+    else return i < kGroup / 2 ? b[i] & 0x0F : b[i - kGroup / 2] >> 4;
+  }
+  // Row j of tile t, dequantized, into dst[0:K].
   void dequant(int64_t t, int64_t j, float* dst) const {
     for (int64_t g = 0; g < groups(); ++g) {
-      const uint8_t* b = tile(t) + (g * kNR + j) * (kGroup / 2);
-      const int64_t at = (t * groups() + g) * kNR + j;
-      const float s = scale[at], m = minimum[at];
-      for (int i = 0; i < kGroup / 2; ++i) {
-        dst[g * kGroup + i] = static_cast<float>(b[i] & 0x0F) * s + m;
-        dst[g * kGroup + kGroup / 2 + i] = static_cast<float>(b[i] >> 4) * s + m;
-      }
+      const uint8_t* b = row(t, g, j);
+      const float s = scale[at(t, g, j)], m = minimum[at(t, g, j)];
+      for (int i = 0; i < kGroup; ++i) dst[g * kGroup + i] = static_cast<float>(value(b, i)) * s + m;
     }
   }
 #ifdef HELIOS_AVX2
+  // Weights k..k+8 of row j of tile t, dequantized in registers.
   __m256 load8(int64_t t, int j, int64_t k) const {
     const int64_t g = k / kGroup, within = k % kGroup;
-    const uint8_t* b = tile(t) + (g * kNR + j) * (kGroup / 2) + within % (kGroup / 2);
-    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b));
-    if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
-    bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-    const int64_t at = (t * groups() + g) * kNR + j;
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_set1_ps(scale[at]),
-                           _mm256_set1_ps(minimum[at]));
+    __m128i bytes;
+    if constexpr (Bits == 8) {
+      bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row(t, g, j) + within));
+    } else {
+      bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row(t, g, j) + within % (kGroup / 2)));
+      if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
+      bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    }
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_set1_ps(scale[at(t, g, j)]),
+                           _mm256_set1_ps(minimum[at(t, g, j)]));
   }
 #endif
-  float finish(int64_t, int, float dot) const { return dot; }
 };
 
 struct Epilogue {
@@ -146,7 +125,7 @@ void direct_rows(const float* x, int64_t m0, int64_t t, const Tiles& w, const Ep
     for (int j = 0; j < kNR; ++j) dots[i][j] = hsum(sum[i][j]);
   const int64_t n0 = t * kNR, nr = std::min(kNR, epi.N - n0);
   for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, w.finish(t, static_cast<int>(j), dots[i][j]));
+    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, dots[i][j]);
 }
 
 template <typename Tiles>
@@ -286,34 +265,38 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const Tiles& w, int
 
 }  // namespace
 
+namespace {
+
+template <int Bits>
+at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& residual) {
+  constexpr int64_t bytes = GroupTiles<Bits>::kGroupBytes;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 4 && qweight.size(2) == kNR &&
+                  qweight.size(3) == bytes && qweight.is_contiguous(),
+              op, ": qweight must be contiguous uint8 [tiles, in_features / ", kGroup, ", ", kNR, ", ", bytes, "]");
+  const int64_t tiles = qweight.size(0), groups = qweight.size(1);
+  for (const auto* t : {&scale, &minimum})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups &&
+                    t->size(2) == kNR && t->is_contiguous(),
+                op, ": scale and minimum must be contiguous float32 [", tiles, ", ", groups, ", ", kNR, "]");
+  const GroupTiles<Bits> w{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(),
+                           groups * kGroup};
+  return quant_linear(op, x, w, tiles, out_features, kGroup, bias, residual);
+}
+
+}  // namespace
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                           int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 4 && qweight.size(2) == kNR &&
-                  qweight.size(3) == 8 && qweight.is_contiguous(),
-              "int8_linear: qweight must be contiguous int8 [tiles, in_features / 8, ", kNR, ", 8]");
-  const int64_t tiles = qweight.size(0), K = qweight.size(1) * 8;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == tiles * kNR && scale.is_contiguous(),
-              "int8_linear: scale must be contiguous float32 [", tiles * kNR, "]");
-  const Int8Tiles w{qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), K};
-  return quant_linear("int8_linear", x, w, tiles, out_features, 8, bias, residual);
+  return group_linear<8>("int8_linear", x, qweight, scale, minimum, out_features, bias, residual);
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 4 && qweight.size(2) == kNR &&
-                  qweight.size(3) == kGroup / 2 && qweight.is_contiguous(),
-              "int4_linear: qweight must be contiguous uint8 [tiles, in_features / ", kGroup, ", ", kNR, ", ",
-              kGroup / 2, "]");
-  const int64_t tiles = qweight.size(0), groups = qweight.size(1);
-  for (const auto* t : {&scale, &minimum})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups &&
-                    t->size(2) == kNR && t->is_contiguous(),
-                "int4_linear: scale and minimum must be contiguous float32 [", tiles, ", ", groups, ", ", kNR, "]");
-  const Int4Tiles w{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(),
-                    groups * kGroup};
-  return quant_linear("int4_linear", x, w, tiles, out_features, kGroup, bias, residual);
+  return group_linear<4>("int4_linear", x, qweight, scale, minimum, out_features, bias, residual);
 }
 
 }  // namespace helios

@@ -48,7 +48,7 @@ def _silu_and_mul_fake(x):
 
 
 @torch.library.register_fake("helios::int8_linear")
-def _int8_linear_fake(x, qweight, scale, out_features, bias=None, residual=None):
+def _int8_linear_fake(x, qweight, scale, minimum, out_features, bias=None, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 

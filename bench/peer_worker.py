@@ -114,6 +114,7 @@ def run_llamacpp(job: dict):
                 seq.append(argmax(s))
         return out
 
+    generate.owner = llm  # the context uses llm's model: keep it alive as long as generate (else use-after-free)
     return generate
 
 

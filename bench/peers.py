@@ -12,9 +12,7 @@ divergence) and the perplexity of each engine's generated text under the float32
 forced), as a ratio to float32's own.
 The float GGUFs llama.cpp reads are written from the model's Q4_1 GGUF (dequantized, as helios and transformers
 load it), so every engine serves the same weights.
-Status (2026-12-02): the llama.cpp worker segfaults inside llama_decode with llama-cpp-python 0.3.36 (a context
-made with llama_init_from_model for n_seq_max sequences); vLLM was not re-measured on the current code. Use
---skip to leave engines out.
+Use --skip to leave engines out.
 Usage: python bench/peers.py [--vllm-python PATH] [--llamacpp-python PATH] [--rounds 3]
 """
 

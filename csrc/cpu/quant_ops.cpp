@@ -13,21 +13,61 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HELIOS_AVX2 1
-#endif
-
 #include "../ops.h"
+
+// SIMD over float32 lanes: 16 with AVX-512, 8 with AVX2 + FMA; without either, plain loops the compiler may
+// vectorize. (The extension is built with -march=native, so the widest the build machine has is used.)
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HELIOS_SIMD 1
+namespace helios::simd {
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMR = 6;  // input rows per register block: 6 x 4 accumulators + 6 inputs + 1 weight of 32 registers
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
+inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline __m128i load_bytes(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline Vec from_bytes(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+}  // namespace helios::simd
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HELIOS_SIMD 1
+namespace helios::simd {
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMR = 3;  // input rows per register block: 3 x 4 accumulators + 3 inputs + 1 weight of 16 registers
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
+inline float sum(Vec v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+inline __m128i load_bytes(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline Vec from_bytes(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+}  // namespace helios::simd
+#else
+namespace helios::simd {
+constexpr int64_t kMR = 3;
+}
+#endif
 
 namespace helios {
 
 namespace {
 
+using simd::kMR;
 constexpr int64_t kNR = 4;           // output rows per tile: the weights are stored tile by tile (see below)
-constexpr int64_t kMR = 3;           // input rows per register block: 3 x 4 accumulators + 3 inputs + 1 weight
 constexpr int64_t kGroup = 32;       // group size along K (one scale and minimum each)
 constexpr int64_t kDirectM = 3;      // up to here weights are converted in registers (no tile buffer)
 constexpr int64_t kSmallM = 48;      // up to here the tile kernel; above, dequantized slabs + at::mm
@@ -55,30 +95,34 @@ struct GroupTiles {
     if constexpr (Bits == 8) return b[i];
     else return i < kGroup / 2 ? b[i] & 0x0F : b[i - kGroup / 2] >> 4;
   }
+#ifdef HELIOS_SIMD
+  // Weights k..k+kLanes of row j of tile t, dequantized in registers (k is a multiple of kLanes).
+  simd::Vec load(int64_t t, int64_t j, int64_t k) const {
+    const int64_t g = k / kGroup, within = k % kGroup;
+    __m128i bytes;
+    if constexpr (Bits == 8) {
+      bytes = simd::load_bytes(row(t, g, j) + within);
+    } else {  // values 0..15 of a group are the low nibbles of its 16 bytes, 16..31 the high ones
+      bytes = simd::load_bytes(row(t, g, j) + within % (kGroup / 2));
+      if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
+      bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    }
+    return simd::fma(simd::from_bytes(bytes), simd::broadcast(scale[at(t, g, j)]),
+                     simd::broadcast(minimum[at(t, g, j)]));
+  }
+#endif
   // Row j of tile t, dequantized, into dst[0:K].
   void dequant(int64_t t, int64_t j, float* dst) const {
+#ifdef HELIOS_SIMD
+    for (int64_t k = 0; k < K; k += simd::kLanes) simd::store(dst + k, load(t, j, k));
+#else
     for (int64_t g = 0; g < groups(); ++g) {
       const uint8_t* b = row(t, g, j);
       const float s = scale[at(t, g, j)], m = minimum[at(t, g, j)];
       for (int i = 0; i < kGroup; ++i) dst[g * kGroup + i] = static_cast<float>(value(b, i)) * s + m;
     }
-  }
-#ifdef HELIOS_AVX2
-  // Weights k..k+8 of row j of tile t, dequantized in registers.
-  __m256 load8(int64_t t, int j, int64_t k) const {
-    const int64_t g = k / kGroup, within = k % kGroup;
-    __m128i bytes;
-    if constexpr (Bits == 8) {
-      bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row(t, g, j) + within));
-    } else {
-      bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row(t, g, j) + within % (kGroup / 2)));
-      if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
-      bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-    }
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_set1_ps(scale[at(t, g, j)]),
-                           _mm256_set1_ps(minimum[at(t, g, j)]));
-  }
 #endif
+  }
 };
 
 struct Epilogue {
@@ -93,85 +137,90 @@ struct Epilogue {
   }
 };
 
-#ifdef HELIOS_AVX2
-inline float hsum(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+// Calls f(std::integral_constant<int, MR>{}) with MR = rows, for rows in 1..kMR (register-blocked kernels are
+// instantiated per block height).
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (kMR >= 4) f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (kMR >= 5) f(std::integral_constant<int, 5>{}); break;
+    case 6: if constexpr (kMR >= 6) f(std::integral_constant<int, 6>{}); break;
+    default: TORCH_CHECK(false, "with_rows: ", rows, " rows per block");
+  }
 }
 
+#ifdef HELIOS_SIMD
 // MR (1..3) input rows against tile t, weights converted in registers and never stored: at one to a few rows
 // a tile buffer would cost as much as the FMAs. (The unroll pragmas let GCC keep `sum` in registers.)
 template <int MR, typename Tiles>
 void direct_rows(const float* x, int64_t m0, int64_t t, const Tiles& w, const Epilogue& epi) {
   const int64_t K = w.K;
-  __m256 sum[MR][kNR];
-#pragma GCC unroll 4
+  simd::Vec sum[MR][kNR];
+#pragma GCC unroll 6
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) sum[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
+    for (int j = 0; j < kNR; ++j) sum[i][j] = simd::zero();
+  for (int64_t k = 0; k < K; k += simd::kLanes) {
 #pragma GCC unroll 4
     for (int j = 0; j < kNR; ++j) {
-      const __m256 v = w.load8(t, j, k);
-#pragma GCC unroll 4
-      for (int i = 0; i < MR; ++i) sum[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (m0 + i) * K + k), v, sum[i][j]);
+      const simd::Vec v = w.load(t, j, k);
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i) sum[i][j] = simd::fma(simd::load(x + (m0 + i) * K + k), v, sum[i][j]);
     }
   }
-  float dots[MR][kNR];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) dots[i][j] = hsum(sum[i][j]);
   const int64_t n0 = t * kNR, nr = std::min(kNR, epi.N - n0);
   for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, dots[i][j]);
+    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, simd::sum(sum[i][j]));
 }
 
 template <typename Tiles>
 void direct_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const Epilogue& epi) {
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t m0 = 0;
-      for (; m0 + 3 <= M; m0 += 3) direct_rows<3>(x, m0, t, w, epi);
-      if (M - m0 == 2) direct_rows<2>(x, m0, t, w, epi);
-      if (M - m0 == 1) direct_rows<1>(x, m0, t, w, epi);
-    }
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += 3)
+        with_rows(std::min<int64_t>(3, M - m0), [&](auto mr) { direct_rows<mr.value>(x, m0, t, w, epi); });
   });
 }
 #endif
 
-// acc[i][j] = x[i]·tile[j] over K for kMR input rows and kNR tile rows (tile: kNR x K floats).
-void micro_kernel(const float* const* x, const float* tile, int64_t K, float acc[kMR][kNR]) {
-#ifdef HELIOS_AVX2
-  __m256 sum[kMR][kNR];
+// acc[i][j] = x[m0 + i]·tile[j] over K for MR input rows and kNR tile rows (tile: kNR x K floats), into the output.
+template <int MR>
+void micro_kernel(const float* x, int64_t m0, const float* tile, int64_t K, int64_t n0, const Epilogue& epi) {
+  float acc[MR][kNR];
+#ifdef HELIOS_SIMD
+  simd::Vec sum[MR][kNR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-  for (int i = 0; i < kMR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) sum[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 x0 = _mm256_loadu_ps(x[0] + k), x1 = _mm256_loadu_ps(x[1] + k), x2 = _mm256_loadu_ps(x[2] + k);
+    for (int j = 0; j < kNR; ++j) sum[i][j] = simd::zero();
+  for (int64_t k = 0; k < K; k += simd::kLanes) {
+    simd::Vec xs[MR];
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) xs[i] = simd::load(x + (m0 + i) * K + k);
 #pragma GCC unroll 4
     for (int j = 0; j < kNR; ++j) {
-      const __m256 w = _mm256_loadu_ps(tile + j * K + k);
-      sum[0][j] = _mm256_fmadd_ps(x0, w, sum[0][j]);
-      sum[1][j] = _mm256_fmadd_ps(x1, w, sum[1][j]);
-      sum[2][j] = _mm256_fmadd_ps(x2, w, sum[2][j]);
+      const simd::Vec v = simd::load(tile + j * K + k);
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i) sum[i][j] = simd::fma(xs[i], v, sum[i][j]);
     }
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < kMR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) acc[i][j] = hsum(sum[i][j]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) acc[i][j] = simd::sum(sum[i][j]);
 #else
-  for (int i = 0; i < kMR; ++i)
+  for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kNR; ++j) {
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += x[i][k] * tile[j * K + k];
+      for (int64_t k = 0; k < K; ++k) s += x[(m0 + i) * K + k] * tile[j * K + k];
       acc[i][j] = s;
     }
 #endif
+  const int64_t nr = std::min(kNR, epi.N - n0);
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, acc[i][j]);
 }
 
 // Several rows: each thread dequantizes a tile into an L1-resident buffer once and runs every input row against it.
@@ -182,16 +231,9 @@ void tile_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const E
     std::vector<float> buffer(kNR * K);
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t j = 0; j < kNR; ++j) w.dequant(t, j, buffer.data() + j * K);
-      const int64_t n0 = t * kNR, nr = std::min(kNR, epi.N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-        const int64_t mr = std::min(kMR, M - m0);
-        const float* rows[kMR];
-        for (int64_t i = 0; i < kMR; ++i) rows[i] = x + std::min(m0 + i, M - 1) * K;  // spare lanes repeat a row
-        float acc[kMR][kNR];
-        micro_kernel(rows, buffer.data(), K, acc);
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, acc[i][j]);
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += kMR)
+        with_rows(std::min(kMR, M - m0),
+                  [&](auto mr) { micro_kernel<mr.value>(x, m0, buffer.data(), K, t * kNR, epi); });
     }
   });
 }
@@ -250,7 +292,7 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const Tiles& w, int
   const float* xp = x2.data_ptr<float>();
   if (M == 0) {
   } else if (M <= kDirectM) {
-#ifdef HELIOS_AVX2
+#ifdef HELIOS_SIMD
     direct_gemm(xp, M, tiles, w, epi);
 #else
     tile_gemm(xp, M, tiles, w, epi);

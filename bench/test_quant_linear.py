@@ -30,7 +30,7 @@ def weights(request):
                               "int4": QuantizedLinear(w, None, "int4")}
 
 
-@pytest.mark.parametrize("rows", [1, 8, 32])
+@pytest.mark.parametrize("rows", [1, 8, 16, 32])
 @pytest.mark.parametrize("impl", ["fp32", "int8", "int4"])
 def test_quant_linear(benchmark, weights, rows, impl):
     name, w, linears = weights

@@ -1,7 +1,7 @@
 """Weight-only int8/int4 linears (helios._C int8_linear / int4_linear) vs a float64 oracle with the dequantized
-weight, on odd shapes, every path (register, tile, slab: 1-3, 4-48, > 48 rows), bias and residual; the quantizers'
-round trip; quantized models end to end (parity with the dequantized float model, bytes, KV pool, truncation and
-exits); bad input."""
+weight, on odd shapes, every path (register blocks of 1-6 rows up to 48 rows, slabs beyond), bias and residual; the
+quantizers' round trip; quantized models end to end (parity with the dequantized float model, bytes, KV pool,
+truncation and exits); bad input."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from helios.ops.quant import (
 )
 
 load_extension()
-ROWS = [1, 2, 3, 4, 7, 48, 49, 130]  # register path up to 3, tile path up to 48, slab path beyond
+# blocks of up to 3 (AVX2) or 6 (AVX-512) rows and every remainder up to 48 rows, slabs beyond
+ROWS = [1, 2, 3, 4, 5, 7, 11, 48, 49, 130]
 
 
 def randn(*shape, seed=0) -> torch.Tensor:

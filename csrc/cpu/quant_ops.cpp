@@ -2,9 +2,9 @@
 // groups of 32 along K, each group with a float32 scale and minimum (int4 is llama.cpp's Q4_1; int8 the same with
 // 255 steps, which holds Q4_1 and Q8_0 blocks exactly); activations and accumulation are float32.
 //
-// Decode (few rows) is bound by reading the weights, so the win is the bytes: each thread dequantizes a tile of
-// NR output rows into an L1-resident float buffer once and runs every input row against it (register-blocked
-// MR x NR FMAs). PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu were 3-12x slower than the fp32
+// Decode (few rows) is bound by reading the weights, so the win is the bytes: each thread streams tiles of NR
+// output rows, converts 8 or 16 weights at a time in registers and multiplies them into MR x NR accumulators
+// (AVX-512 or AVX2; a tile buffer + plain loops without either). PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu were 3-12x slower than the fp32
 // oneDNN linear on an AVX2 EPYC, hence this kernel. Prefill (many rows) is bound by arithmetic: weights are
 // dequantized in slabs and multiplied with at::mm.
 #include <ATen/ATen.h>
@@ -69,8 +69,7 @@ namespace {
 using simd::kMR;
 constexpr int64_t kNR = 4;           // output rows per tile: the weights are stored tile by tile (see below)
 constexpr int64_t kGroup = 32;       // group size along K (one scale and minimum each)
-constexpr int64_t kDirectM = 3;      // up to here weights are converted in registers (no tile buffer)
-constexpr int64_t kSmallM = 48;      // up to here the tile kernel; above, dequantized slabs + at::mm
+constexpr int64_t kSmallM = 48;      // up to here weights are converted in registers; above, slabs + at::mm
 constexpr int64_t kSlabTiles = 256;  // tiles (x kNR rows) dequantized at once on the at::mm path
 
 // Layout, interleaved by tiles of kNR output rows so that one tile is one sequential stream in memory (four
@@ -153,8 +152,9 @@ void with_rows(int64_t rows, F&& f) {
 }
 
 #ifdef HELIOS_SIMD
-// MR (1..3) input rows against tile t, weights converted in registers and never stored: at one to a few rows
-// a tile buffer would cost as much as the FMAs. (The unroll pragmas let GCC keep `sum` in registers.)
+// MR (1..kMR) input rows against tile t, weights converted in registers and never stored. Measured against
+// dequantizing each tile into an L1 buffer first: as fast at 32 rows (int8) and faster below (int4 at 32 rows
+// too). (The unroll pragmas let GCC keep `sum` in registers.)
 template <int MR, typename Tiles>
 void direct_rows(const float* x, int64_t m0, int64_t t, const Tiles& w, const Epilogue& epi) {
   const int64_t K = w.K;
@@ -180,50 +180,28 @@ template <typename Tiles>
 void direct_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const Epilogue& epi) {
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      for (int64_t m0 = 0; m0 < M; m0 += 3)
-        with_rows(std::min<int64_t>(3, M - m0), [&](auto mr) { direct_rows<mr.value>(x, m0, t, w, epi); });
+      for (int64_t m0 = 0; m0 < M; m0 += kMR)
+        with_rows(std::min(kMR, M - m0), [&](auto mr) { direct_rows<mr.value>(x, m0, t, w, epi); });
   });
 }
 #endif
 
-// acc[i][j] = x[m0 + i]·tile[j] over K for MR input rows and kNR tile rows (tile: kNR x K floats), into the output.
+#ifndef HELIOS_SIMD
+// x[m0 + i]·tile[j] over K for MR input rows and kNR tile rows (tile: kNR x K floats), into the output.
 template <int MR>
 void micro_kernel(const float* x, int64_t m0, const float* tile, int64_t K, int64_t n0, const Epilogue& epi) {
-  float acc[MR][kNR];
-#ifdef HELIOS_SIMD
-  simd::Vec sum[MR][kNR];
-#pragma GCC unroll 6
+  const int64_t nr = std::min(kNR, epi.N - n0);
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) sum[i][j] = simd::zero();
-  for (int64_t k = 0; k < K; k += simd::kLanes) {
-    simd::Vec xs[MR];
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) xs[i] = simd::load(x + (m0 + i) * K + k);
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) {
-      const simd::Vec v = simd::load(tile + j * K + k);
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) sum[i][j] = simd::fma(xs[i], v, sum[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = simd::sum(sum[i][j]);
-#else
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) {
+    for (int64_t j = 0; j < nr; ++j) {
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
       for (int64_t k = 0; k < K; ++k) s += x[(m0 + i) * K + k] * tile[j * K + k];
-      acc[i][j] = s;
+      epi.put(m0 + i, n0 + j, s);
     }
-#endif
-  const int64_t nr = std::min(kNR, epi.N - n0);
-  for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, acc[i][j]);
 }
 
-// Several rows: each thread dequantizes a tile into an L1-resident buffer once and runs every input row against it.
+// Without SIMD intrinsics: each thread dequantizes a tile into an L1-resident buffer once and runs every input row
+// against it.
 template <typename Tiles>
 void tile_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const Epilogue& epi) {
   const int64_t K = w.K;
@@ -237,6 +215,7 @@ void tile_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const E
     }
   });
 }
+#endif
 
 // Many rows (prefill): slabs of the weight dequantized to float32 and multiplied with at::mm.
 template <typename Tiles>
@@ -291,14 +270,12 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const Tiles& w, int
                      residual_c.defined() ? residual_c.data_ptr<float>() : nullptr, out.data_ptr<float>(), N};
   const float* xp = x2.data_ptr<float>();
   if (M == 0) {
-  } else if (M <= kDirectM) {
+  } else if (M <= kSmallM) {
 #ifdef HELIOS_SIMD
     direct_gemm(xp, M, tiles, w, epi);
 #else
     tile_gemm(xp, M, tiles, w, epi);
 #endif
-  } else if (M <= kSmallM) {
-    tile_gemm(xp, M, tiles, w, epi);
   } else {
     slab_gemm(x2, tiles, w, epi);
   }

@@ -92,8 +92,9 @@ def load_average() -> float:
 def run_worker(python: str, job: dict, workdir: Path) -> dict:
     job_file, result_file = workdir / f"{job['label']}.job.json", workdir / f"{job['label']}.result.json"
     job_file.write_text(json.dumps(job))
+    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))  # vLLM binds one OpenMP thread per listed CPU
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="4",
-               VLLM_CPU_OMP_THREADS_BIND="all")
+               VLLM_CPU_OMP_THREADS_BIND=cpus, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     subprocess.run([python, str(WORKER), str(job_file), str(result_file)], check=True, env=env)
     return json.loads(result_file.read_text())
 
@@ -150,14 +151,25 @@ def main() -> None:
     engines = [e for e in engines if e[0] not in args.skip]
 
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in engines}
+    failed: dict[str, str] = {}  # an engine that fails once is reported and left out of the remaining rounds
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             order = engines[r % len(engines):] + engines[:r % len(engines)]
             for label, python, job in order:
+                if label in failed:
+                    continue
                 print(f"round {r + 1}/{args.rounds}: {label} (load average {load_average():.2f})", flush=True)
-                result = run_worker(python, {**base, **job, "label": label}, Path(tmp))
+                try:
+                    result = run_worker(python, {**base, **job, "label": label}, Path(tmp))
+                except subprocess.CalledProcessError as error:
+                    failed[label] = f"round {r + 1}: worker exited with status {error.returncode}"
+                    print(f"{label} failed ({failed[label]}); left out", flush=True)
+                    continue
                 result["load_average"] = load_average()
                 runs[label].append(result)
+    if "helios-fp32" not in runs or not runs["helios-fp32"]:
+        raise SystemExit("helios-fp32 is the quality reference and did not run")
+    runs = {label: results for label, results in runs.items() if results}
 
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     table: dict[str, dict] = {}
@@ -182,7 +194,7 @@ def main() -> None:
                          .rjust(22) for b in args.batch_sizes)
         biggest = str(max(args.batch_sizes))
         print(f"{label:20s} {cells}  {row[biggest]['agreement_vs_helios_fp32']:11.3f}  {row['perplexity_ratio']:9.3f}")
-    path = save("peers", {"machine": machine(), "max_tokens": args.max_tokens, "rounds": args.rounds,
+    path = save("peers", {"machine": machine(), "max_tokens": args.max_tokens, "rounds": args.rounds, "failed": failed,
                           "prompt_tokens": [len(p) for p in prompts], "table": table,
                           "runs": {label: [{k: v for k, v in res.items() if k != "batches"} |
                                            {"tokens_per_s": {b: x["tokens_per_s"] for b, x in res["batches"].items()}}

@@ -51,7 +51,9 @@ def _seqs(engine):
 
 
 def profile_steps(llm, prompts: list[list[int]], steps: int) -> dict:
+    start = time.perf_counter()
     engine = prefilled_engine(llm, prompts)
+    prefill_s = time.perf_counter() - start
     for _ in range(3):  # warm-up at this batch shape
         engine.step()
     times = []
@@ -66,7 +68,8 @@ def profile_steps(llm, prompts: list[list[int]], steps: int) -> dict:
         engine.abort(request_id)
     ops = [(e.key, e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in prof.key_averages()]
     ops.sort(key=lambda o: -o[1])
-    return {"ms_per_step": 1e3 * statistics.median(times), "ms_per_step_min": 1e3 * min(times),
+    return {"prefill_s": prefill_s, "prompt_tokens": sum(map(len, prompts)),
+            "ms_per_step": 1e3 * statistics.median(times), "ms_per_step_min": 1e3 * min(times),
             "ops": [{"op": name, "ms_per_step": ms, "calls_per_step": calls} for name, ms, calls in ops[:12]],
             "op_ms_per_step": sum(ms for _, ms, _ in ops)}
 
@@ -100,7 +103,8 @@ def main() -> None:
             results[f"{quantization}-b{b}"] = row
             print(f"\n{quantization} batch {b}: {row['ms_per_step']:.1f} ms/step (min {row['ms_per_step_min']:.1f}), "
                   f"floor {floor_ms:.1f} ms ({weight_bytes / 2**20:.0f} MiB of weights), "
-                  f"ops {row['op_ms_per_step']:.1f} ms, rest {row['ms_per_step'] - row['op_ms_per_step']:.1f} ms")
+                  f"ops {row['op_ms_per_step']:.1f} ms, rest {row['ms_per_step'] - row['op_ms_per_step']:.1f} ms; "
+                  f"prefill of {row['prompt_tokens']} tokens {row['prefill_s']:.2f} s")
             for op in row["ops"]:
                 print(f"  {op['op']:40s} {op['ms_per_step']:7.2f} ms  {op['calls_per_step']:6.1f} calls")
         del llm

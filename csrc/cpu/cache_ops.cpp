@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "simd.h"
 
 namespace helios {
 
@@ -118,6 +119,11 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
   const int64_t tokens = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
   const int64_t group = heads / kv_heads;
+#ifdef HELIOS_SIMD
+  const int64_t padded_block = (block_size + simd::kLanes - 1) / simd::kLanes * simd::kLanes;  // whole vectors
+#else
+  const int64_t padded_block = block_size;
+#endif
   const int64_t q_stride = query.stride(0);
   const int64_t slot_stride = kv_heads * dim;  // elements per cache slot
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
@@ -132,7 +138,7 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
 
   at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused by every task of this chunk.
-    std::vector<float> q(group * dim), acc(group * dim), row(dim), scores(group * block_size);
+    std::vector<float> q(group * dim), acc(group * dim), row(dim), scores(group * padded_block);
     std::vector<float> run_max(group), run_sum(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / kv_heads, kvh = task % kv_heads;
@@ -155,11 +161,11 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
         // scores of this block for every head of the group
         for (int64_t p = lo; p < hi; ++p) {
           const float* k = as_float(k_ptr + (base + p - block_start) * slot_stride + kvh * dim, row.data(), dim);
-          for (int64_t g = 0; g < group; ++g) scores[g * block_size + (p - lo)] = dot(q.data() + g * dim, k, dim);
+          for (int64_t g = 0; g < group; ++g) scores[g * padded_block + (p - lo)] = dot(q.data() + g * dim, k, dim);
         }
         // online softmax update: rescale what was accumulated when the running max grows
         for (int64_t g = 0; g < group; ++g) {
-          float* sc = scores.data() + g * block_size;
+          float* sc = scores.data() + g * padded_block;
           float block_max = run_max[g];
           for (int64_t i = 0; i < hi - lo; ++i) block_max = std::max(block_max, sc[i]);
           const float correction = std::exp(run_max[g] - block_max);
@@ -168,18 +174,21 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
             for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] *= correction;
           }
           run_max[g] = block_max;
-          float sum = 0.f;
           const int64_t n = hi - lo;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < n; ++i) {  // vectorized expf (libmvec) thanks to -fno-math-errno
-            sc[i] = std::exp(sc[i] - block_max);
-            sum += sc[i];
-          }
+#ifdef HELIOS_SIMD
+          // vector exp over whole vectors of the (padded) scores row: lanes past n are computed and never read
+          for (int64_t i = 0; i < n; i += simd::kLanes)
+            simd::store(sc + i, simd::exp(simd::add(simd::load(sc + i), simd::broadcast(-block_max))));
+#else
+          for (int64_t i = 0; i < n; ++i) sc[i] = std::exp(sc[i] - block_max);
+#endif
+          float sum = 0.f;
+          for (int64_t i = 0; i < n; ++i) sum += sc[i];
           run_sum[g] += sum;
         }
         for (int64_t p = lo; p < hi; ++p) {
           const float* v = as_float(v_ptr + (base + p - block_start) * slot_stride + kvh * dim, row.data(), dim);
-          for (int64_t g = 0; g < group; ++g) axpy(scores[g * block_size + (p - lo)], v, acc.data() + g * dim, dim);
+          for (int64_t g = 0; g < group; ++g) axpy(scores[g * padded_block + (p - lo)], v, acc.data() + g * dim, dim);
         }
       }
       for (int64_t g = 0; g < group; ++g) {

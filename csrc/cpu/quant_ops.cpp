@@ -18,49 +18,7 @@
 
 #include "../ops.h"
 
-// SIMD over float32 lanes: 16 with AVX-512, 8 with AVX2 + FMA; without either, plain loops the compiler may
-// vectorize. (The extension is built with -march=native, so the widest the build machine has is used.)
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define HELIOS_SIMD 1
-namespace helios::simd {
-using Vec = __m512;
-constexpr int64_t kLanes = 16;
-constexpr int64_t kMR = 6;  // input rows per register block: 6 x 4 accumulators + 6 inputs + 1 weight of 32 registers
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
-inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
-inline __m128i load_bytes(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
-inline Vec from_bytes(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
-}  // namespace helios::simd
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HELIOS_SIMD 1
-namespace helios::simd {
-using Vec = __m256;
-constexpr int64_t kLanes = 8;
-constexpr int64_t kMR = 3;  // input rows per register block: 3 x 4 accumulators + 3 inputs + 1 weight of 16 registers
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
-inline float sum(Vec v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
-}
-inline __m128i load_bytes(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
-inline Vec from_bytes(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
-}  // namespace helios::simd
-#else
-namespace helios::simd {
-constexpr int64_t kMR = 3;
-}
-#endif
+#include "simd.h"
 
 namespace helios {
 

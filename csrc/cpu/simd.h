@@ -1,0 +1,82 @@
+// A small SIMD shim for the CPU kernels: float32 vectors of 16 lanes with AVX-512, 8 with AVX2 + FMA, chosen at
+// compile time (the extension is built with -march=native); HELIOS_SIMD is undefined without either, and callers
+// keep a plain-loop path.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HELIOS_SIMD 1
+namespace helios::simd {
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMR = 6;  // input rows per register block: 6 x 4 accumulators + 6 inputs + 1 weight of 32 registers
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
+inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline __m128i load_bytes(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline Vec from_bytes(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec times_pow2(Vec v, Vec n) { return _mm512_scalef_ps(v, n); }  // v * 2^n, n integral
+}  // namespace helios::simd
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HELIOS_SIMD 1
+namespace helios::simd {
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMR = 3;  // input rows per register block: 3 x 4 accumulators + 3 inputs + 1 weight of 16 registers
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
+inline float sum(Vec v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+inline __m128i load_bytes(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline Vec from_bytes(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec round(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec times_pow2(Vec v, Vec n) {  // v * 2^n for integral n in [-126, 127]: n added to the exponent bits
+  const __m256i bits = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(v), bits));
+}
+}  // namespace helios::simd
+#else
+namespace helios::simd {
+constexpr int64_t kMR = 3;
+}
+#endif
+
+#ifdef HELIOS_SIMD
+namespace helios::simd {
+// e^x for x <= 88 (inputs below -87 give ~0): x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial
+// (Cephes' expf coefficients; relative error ~2e-7), then scaled by 2^n.
+inline Vec exp(Vec x) {
+  x = max(x, broadcast(-87.0f));
+  const Vec n = round(mul(x, broadcast(1.44269504088896341f)));
+  Vec r = fma(n, broadcast(-0.693359375f), x);  // ln2 split in two for an exact first step
+  r = fma(n, broadcast(2.12194440e-4f), r);
+  Vec p = broadcast(1.9875691500e-4f);
+  p = fma(p, r, broadcast(1.3981999507e-3f));
+  p = fma(p, r, broadcast(8.3334519073e-3f));
+  p = fma(p, r, broadcast(4.1665795894e-2f));
+  p = fma(p, r, broadcast(1.6666665459e-1f));
+  p = fma(p, r, broadcast(5.0000001201e-1f));
+  p = fma(p, mul(r, r), r);
+  return times_pow2(add(p, broadcast(1.0f)), n);
+}
+}  // namespace helios::simd
+#endif

@@ -5,7 +5,9 @@ llama.cpp (F32, F16 and Q4_1 GGUFs) when their virtualenvs are given (--vllm-pyt
 the README). Everyone gets the same chat-formatted gsm8k prompts as token ids and generates exactly --max-tokens
 tokens greedily (EOS ignored). Each engine runs in its own process (bench/peer_worker.py), rounds interleave the
 engines (the order rotates each round), and every figure is the median of the rounds with min and max beside it;
-the load average is recorded before each engine.
+the load average is recorded before each engine. helios runs with its default thread policy (waiting OpenMP threads
+sleep; README "CPU threads"); --omp-active adds each helios engine again with spinning threads, the setting for a
+machine dedicated to helios (vLLM and llama.cpp keep their threads spinning).
 
 Quality, against helios float32 at the same batch size: greedy agreement (share of tokens up to each prompt's first
 divergence) and the perplexity of each engine's generated text under the float32 model (transformers, teacher
@@ -94,7 +96,7 @@ def run_worker(python: str, job: dict, workdir: Path) -> dict:
     job_file.write_text(json.dumps(job))
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))  # vLLM binds one OpenMP thread per listed CPU
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="4",
-               VLLM_CPU_OMP_THREADS_BIND=cpus, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+               VLLM_CPU_OMP_THREADS_BIND=cpus, VLLM_ENABLE_V1_MULTIPROCESSING="0", **job.get("env", {}))
     subprocess.run([python, str(WORKER), str(job_file), str(result_file)], check=True, env=env)
     return json.loads(result_file.read_text())
 
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
     parser.add_argument("--llamacpp-python", default=None, help="python of a virtualenv with llama-cpp-python + gguf")
     parser.add_argument("--skip", nargs="*", default=[], help="engine labels to leave out, e.g. transformers")
+    parser.add_argument("--omp-active", action="store_true",
+                        help="also run each helios engine with OMP_WAIT_POLICY=ACTIVE (labels ending in -active)")
     parser.add_argument("--gguf-dir", default=str(Path(tempfile.gettempdir()) / "helios-peers-gguf"))
     args = parser.parse_args()
 
@@ -137,6 +141,9 @@ def main() -> None:
         ("helios-int4", sys.executable, {"engine": "helios", "model": "smollm2-135m", "quantization": "int4"}),
         ("transformers-fp32", sys.executable, {"engine": "transformers", "model": hf_dir}),
     ]
+    if args.omp_active:  # helios as README "CPU threads" advises for a machine dedicated to it: spinning threads
+        engines += [(f"{label}-active", python, {**job, "env": {"OMP_WAIT_POLICY": "ACTIVE"}})
+                    for label, python, job in engines if label.startswith("helios")]
     if args.vllm_python:
         engines.append(("vllm-fp32", args.vllm_python, {"engine": "vllm", "model": hf_dir}))
     if args.llamacpp_python:

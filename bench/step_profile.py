@@ -2,21 +2,27 @@
 
 For each weight format and batch size: prompts are prefilled, then --steps decode steps are timed (wall clock,
 engine.step) and profiled (torch.profiler, CPU ops). Reports ms per step, the floor (bytes of the weights read per
-step over the measured copy bandwidth: a read + write of a 512 MiB buffer), and the ops by self time; the time no
-op accounts for is Python (scheduling, sampling, bookkeeping) and the profiler's own cost.
+step, i.e. all but the embedding table, over the measured copy bandwidth: a read + write of a 512 MiB buffer), and
+the ops by self time; the time no op accounts for is Python (scheduling, sampling, bookkeeping) and the profiler's
+own cost.
+helios' default OpenMP wait policy (PASSIVE) applies unless OMP_WAIT_POLICY is set; the JSON records which.
 Usage: python bench/step_profile.py [--quantization none int8 int4] [--batch-sizes 1 32] [--steps 24]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+# isort: off
+import helios  # noqa: F401  (before torch: helios' OpenMP wait policy applies, as for a user; README "CPU threads")
 import torch
 from torch.profiler import ProfilerActivity, profile
+# isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gsm8k_questions, machine, save  # noqa: E402
@@ -84,7 +90,8 @@ def main() -> None:
     from helios import LLM
 
     bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); OMP_WAIT_POLICY={policy}")
     results = {}
     for quantization in args.quantization:
         q = None if quantization == "none" else quantization
@@ -94,7 +101,8 @@ def main() -> None:
                                                  tokenize=True, return_dict=False)
                    for text in gsm8k_questions(max(args.batch_sizes))]
         stats = llm.stats()
-        weight_bytes = stats["weight_bytes"]
+        # a decode step reads every weight but the embedding table (it gathers one row per sequence)
+        weight_bytes = stats["weight_bytes"] - stats["embedding_bytes"]
         floor_ms = weight_bytes / bandwidth * 1e3  # as bench/device_timings.py: reading at the copy traffic rate
         for b in args.batch_sizes:
             row = profile_steps(llm, prompts[:b], args.steps)
@@ -109,6 +117,7 @@ def main() -> None:
                 print(f"  {op['op']:40s} {op['ms_per_step']:7.2f} ms  {op['calls_per_step']:6.1f} calls")
         del llm
     path = save("step_profile", {"machine": machine(), "copy_bandwidth_bytes_s": bandwidth, "steps": args.steps,
+                                 "omp_wait_policy": policy,
                                  "results": results})
     print(f"saved {path}")
 

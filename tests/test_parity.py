@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helios import LLM, SamplingParams
-from tests.conftest import ARCHS, PROMPTS, greedy_agreement, hf_greedy, hf_logits, hf_model, stories260k_path
+from tests.conftest import ARCHS, PROMPTS, hf_greedy, hf_logits, hf_model, stories260k_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -125,14 +125,25 @@ def test_stories260k_greedy_and_truncated_match_transformers(device):
 
 @needs_stories
 def test_stories260k_bf16_loses_no_more_than_transformers_bf16(device):
-    """stories260k's 64-wide layers are coarse in bf16: transformers' own bf16 run agrees with its fp32 run on only
-    ~0.83 of the tokens (measured on CPU). helios in bf16 must stay within 0.05 of that."""
+    """stories260k's 64-wide layers are coarse in bf16. Teacher forced on the fp32 model's own greedy stories, helios
+    in bf16 must pick the fp32 model's top token as often as transformers in bf16 does (within 0.01) and stay as
+    close in distribution (KL to fp32 within 1.5x of transformers'). (Free-running greedy agreement was measured
+    here before: one early near-tie decides a whole story, and on an AVX512-BF16 CPU it moved between 0.73 and 0.81
+    with the kernels chosen while the teacher-forced figures stayed equal to transformers'.)"""
     path = stories260k_path()
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    outs = LLM(path, device=device, dtype="bfloat16", kv_cache_blocks=256).generate(STORY_PROMPTS, params,
-                                                                                      use_tqdm=False)
     fp32, bf16 = hf_model(path), hf_bf16(path)
-    truth = [hf_greedy(fp32, o.prompt_token_ids, 48) for o in outs]
-    theirs = greedy_agreement([hf_greedy(bf16, o.prompt_token_ids, 48) for o in outs], truth)
-    ours = greedy_agreement([o.outputs[0].token_ids for o in outs], truth)
-    assert ours >= theirs - 0.05, (ours, theirs)
+    llm = LLM(path, device=device, dtype="bfloat16", kv_cache_blocks=256)
+    hits = {"helios": 0, "transformers": 0}
+    kl = {"helios": 0.0, "transformers": 0.0}
+    count = 0
+    for prompt in STORY_PROMPTS:
+        prompt_ids = llm.get_tokenizer().encode(prompt)
+        ids = prompt_ids + hf_greedy(fp32, prompt_ids, 48)
+        truth = hf_logits(fp32, ids).log_softmax(-1)
+        for name, logits in (("helios", llm.engine.prompt_logits(ids).cpu()), ("transformers", hf_logits(bf16, ids))):
+            got = logits.float().log_softmax(-1)
+            hits[name] += (got.argmax(-1) == truth.argmax(-1)).sum().item()
+            kl[name] += (truth.exp() * (truth - got)).sum().item()
+        count += len(ids)
+    assert hits["helios"] / count >= hits["transformers"] / count - 0.01, (hits, count)
+    assert kl["helios"] <= 1.5 * kl["transformers"], kl

@@ -44,10 +44,8 @@ struct GroupTiles {
   const float* minimum;
   int64_t K;
   int64_t groups() const { return K / kGroup; }
-  const uint8_t* row(int64_t t, int64_t g, int64_t j) const {
-    return q + ((t * groups() + g) * kNR + j) * kGroupBytes;
-  }
-  int64_t at(int64_t t, int64_t g, int64_t j) const { return (t * groups() + g) * kNR + j; }
+  int64_t at(int64_t t, int64_t g, int64_t j) const { return (t * groups() + g) * kNR + j; }  // group (t, g, j)
+  const uint8_t* row(int64_t t, int64_t g, int64_t j) const { return q + at(t, g, j) * kGroupBytes; }
   static int value(const uint8_t* b, int i) {
     if constexpr (Bits == 8) return b[i];
     else return i < kGroup / 2 ? b[i] & 0x0F : b[i - kGroup / 2] >> 4;
@@ -239,10 +237,6 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const Tiles& w, int
   }
   return out.view(out_sizes);
 }
-
-}  // namespace
-
-namespace {
 
 template <int Bits>
 at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,

@@ -58,22 +58,28 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     """[N, K] float -> (q uint8 [tiles, K/32, 4, 32], scale and minimum float32 [tiles, K/32, 4])."""
     groups = _groups(weight)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    sym_scale = torch.maximum(high, -low) / 127
-    grids = ((high - low) / 255, low), (sym_scale, -128 * sym_scale)
-    candidates = []
-    for scale, minimum in grids:
-        q = _round_to_grid(groups, scale, minimum, 255)
-        error = (q * scale[..., None] + minimum[..., None] - groups).square().sum(dim=-1)
-        candidates.append((q, scale, minimum, error))
-    (q_a, s_a, m_a, e_a), (q_b, s_b, m_b, e_b) = candidates
-    pick_b = e_b < e_a
-    q = torch.where(pick_b[..., None], q_b, q_a).to(torch.uint8)
-    return _tiled(q), _tiled(torch.where(pick_b, s_b, s_a)), _tiled(torch.where(pick_b, m_b, m_a))
+    minmax_scale, sym_scale = (high - low) / 255, torch.maximum(high, -low) / 127
+    q_minmax = _round_to_grid(groups, minmax_scale, low, 255)
+    q_sym = _round_to_grid(groups, sym_scale, -128 * sym_scale, 255)
+    use_sym = _squared_error(groups, q_sym, sym_scale, -128 * sym_scale) < _squared_error(
+        groups, q_minmax, minmax_scale, low)
+    q = torch.where(use_sym[..., None], q_sym, q_minmax).to(torch.uint8)
+    scale = torch.where(use_sym, sym_scale, minmax_scale)
+    return _tiled(q), _tiled(scale), _tiled(torch.where(use_sym, -128 * sym_scale, low))
+
+
+def _on_grid(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """[N, groups, 32] integer values and [N, groups] scale/minimum -> float32 [N, groups, 32]."""
+    return q.float() * scale[..., None] + minimum[..., None]
+
+
+def _squared_error(groups: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    return (_on_grid(q, scale, minimum) - groups).square().sum(dim=-1)
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """[N, groups, 32] integer values and [N, groups] scale/minimum -> float32 [N, groups * 32]."""
-    w = q.float() * scale[..., None] + minimum[..., None]
+    w = _on_grid(q, scale, minimum)
     return w.reshape(w.shape[0], -1)
 
 

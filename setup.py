@@ -61,8 +61,7 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=find_packages(include=["helios", "helios.*"]) + ["helios.kernels"],
-    package_dir={"helios.kernels": "kernels"},
+    packages=find_packages(include=["helios", "helios.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -202,7 +202,6 @@ def test_readme_exit_head_example_runs(capsys):
 def test_gemma_norm_matches_float64_reference(device, backend):
     """Gemma's RMSNorm: the (1 + w) weight applied in float32 (Norm kind 'rms_fp32'), natively and fused."""
     from helios.kernels.exit_head import kernel_mode
-
     from helios.ops.exit_head import exit_head_native
     from helios.ops.norm import Norm
 

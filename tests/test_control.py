@@ -247,7 +247,19 @@ def test_slo_validation():
         SLO(breach_window=10, max_breaches=10)
     with pytest.raises(ValueError, match="target_precision"):
         SLO(target_precision=0)
+    with pytest.raises(ValueError, match="probe_layers"):
+        SLO(probe_layers="some")
     assert SLO.parse("latency").objective == "latency"
+
+
+def test_probe_layers_are_the_trained_heads_when_there_are_any():
+    from helios.control.profile import probe_layers
+
+    assert probe_layers(30, "auto", (10, 20, 24)) == (10, 20, 24)  # untuned layers are not worth their checks
+    assert probe_layers(30, "auto") == probe_layers(30, 8)  # no heads: 8 layers spread over the stack
+    assert len(probe_layers(30, 8)) == 8 and max(probe_layers(30, 8)) < 30
+    assert set(probe_layers(30, 3, (10,))) == set(probe_layers(30, 3)) | {10}
+    assert probe_layers(6, "auto", (6, 9)) == probe_layers(6, 8)  # heads outside 1..total-1 do not count
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
@@ -394,6 +406,9 @@ def test_set_slo_reprofiles_and_events_reach_the_logger(domain_models, caplog):
     with caplog.at_level("INFO", logger="helios.control"):
         llm.generate(DOMAIN_A, GREEDY, use_tqdm=False)
         llm.set_slo(SLO(**{**SMALL_SLO, "objective": "memory"}))
+        # beside the deployment, the profiling engine's pool holds only its profile requests, not a second budget
+        profiling = llm.engine.profiling.engine
+        assert profiling.kv_cache.num_blocks == SMALL_SLO["profile_requests"] * -(-profiling.max_model_len // 16) < 64
         llm.generate(DOMAIN_A, GREEDY, use_tqdm=False)
     reasons = [e["reason"] for e in llm.stats()["events"] if e["kind"] == "reassess"]
     assert reasons == ["cold start", "the SLO changed"]

@@ -121,7 +121,8 @@ class ControlledEngine:
         while self.to_profile:
             model = self.to_profile.popleft()
             try:
-                engine = self._build(model, num_layers=None, enable_prefix_caching=False)
+                engine = self._build(model, num_layers=None, enable_prefix_caching=False,
+                                     **self._profiling_pool(model))
                 heads = engine.model.exit_heads
                 engine.set_exit_policy(None)
                 log = ProbeLog(probe_layers(engine.model.total_layers, self.slo.probe_layers,
@@ -137,6 +138,18 @@ class ControlledEngine:
                 self._profile_on(self.pending.popleft())  # requests waiting since the cold start go first
             return
         self.profiling = None
+
+    def _profiling_pool(self, model: str) -> dict:
+        """Beside a deployment, a profiling engine's KV pool holds just its profile requests (at max_model_len), so
+        a profile adds one candidate's full-depth weights and that much KV to the memory in use, not a second
+        budget. At a cold start nothing is deployed: the first candidate gets the whole budget, since its engine
+        then serves the waiting requests until the others are profiled."""
+        if self.active is None:
+            return {}
+        config = self.configs[model]
+        max_len = config.max_model_len or self.max_model_len
+        blocks = self.slo.profile_requests * -(-max_len // config.block_size)
+        return {"kv_cache_blocks": blocks if config.kv_cache_blocks is None else min(blocks, config.kv_cache_blocks)}
 
     # ---- requests (LLMEngine's interface) -------------------------------------------------------------------------
     def make_request(self, prompt, params: SamplingParams) -> ControlledRequest:

@@ -87,7 +87,13 @@ def build_profile(model: str, total_layers: int, log: ProbeLog, seconds: float, 
                    confidence=log.confidence, pairs=pairs)
 
 
-def probe_layers(total: int, count: int, extra: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
-    """`count` layers spread evenly over 1..total-1, plus any layers with trained exit heads."""
+AUTO_SPREAD = 8  # probe layers of a model without trained exit heads (SLO.probe_layers="auto")
+
+
+def probe_layers(total: int, count: int | str, extra: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
+    """`count` layers spread evenly over 1..total-1, plus any layers with trained exit heads (`extra`).
+    count="auto": only the head layers when there are any, else AUTO_SPREAD spread layers."""
+    if count == "auto":
+        count = 0 if any(1 <= x < total for x in extra) else AUTO_SPREAD
     grid = {max(1, round(total * k / (count + 1))) for k in range(1, count + 1)}
     return tuple(sorted(x for x in grid | set(extra) if 1 <= x < total))

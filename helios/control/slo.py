@@ -27,7 +27,10 @@ class SLO:
     reprofile_interval: int = 150  # RI: requests between profiles (paper: 150)
     breach_window: int = 100  # tokens in the breach monitor's sliding window (paper: 100)
     max_breaches: int = 50  # CBCmax: more breaches than this in the window trigger growth or a switch (paper: 50)
-    probe_layers: int = 8  # exit layers evaluated while profiling, spread evenly below the last layer
+    # exit layers evaluated while profiling: "auto" = the layers with trained exit heads when the model has them
+    # (untuned layers are confidently wrong, and each check costs several layers), else 8 spread evenly below the
+    # last layer; an int N = N spread layers plus any layers with heads
+    probe_layers: int | str = "auto"
     min_exits: int = 20  # profiled tokens a threshold must rest on
     horizon_tokens: int = 1000  # tokens over which growing and switching are compared (load + re-prefill + serving)
 
@@ -41,8 +44,10 @@ class SLO:
         if isinstance(self.bpb_tolerance, bool) or not isinstance(self.bpb_tolerance, (int, float)) \
                 or self.bpb_tolerance < 0:
             raise ValueError(f"SLO.bpb_tolerance must be a number >= 0, got {self.bpb_tolerance!r}")
-        for name in ("profile_requests", "reprofile_interval", "breach_window", "probe_layers", "min_exits",
-                     "horizon_tokens"):
+        if self.probe_layers != "auto" and (isinstance(self.probe_layers, bool)
+                                             or not isinstance(self.probe_layers, int) or self.probe_layers < 1):
+            raise ValueError(f"SLO.probe_layers must be 'auto' or an int >= 1, got {self.probe_layers!r}")
+        for name in ("profile_requests", "reprofile_interval", "breach_window", "min_exits", "horizon_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SLO.{name} must be an int >= 1, got {value!r}")

@@ -316,18 +316,19 @@ def test_a_domain_shift_triggers_growth_or_a_switch_and_nothing_is_lost(domain_m
         llm.engine.active.engine.kv_cache.num_blocks
 
 
-def test_cross_tokenizer_switch_keeps_the_streamed_text(domain_models, tmp_path):
-    b = domain_checkpoint(tmp_path / "b2", DOMAIN_B, tokenizer=_retrained_tokenizer())
+def _switch_across_tokenizers(domain_models, b: Path, params: SamplingParams, steps_before: int = 4):
+    """A request that model a starts and b (another tokenizer) finishes: (request, its sample, controller, the
+    stable text streamed after every step)."""
     llm = LLM([domain_models["a"], b], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
     llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
     controller = llm.engine
-    assert controller.active.model == str(domain_models["a"])
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    if controller.active.model != str(domain_models["a"]):
+        controller._deploy(next(p for p in controller._plans() if p.model == str(domain_models["a"])))
     request = controller.make_request("The quick brown fox", params)
     controller.add_request(request)
     cseq = request.seqs[0]
     snapshots = []
-    for _ in range(4):
+    for _ in range(steps_before):
         controller.step()
         snapshots.append(controller.stable_text(cseq))
     target = next(p for p in controller._plans() if p.model == str(b))
@@ -338,6 +339,13 @@ def test_cross_tokenizer_switch_keeps_the_streamed_text(domain_models, tmp_path)
     while controller.has_unfinished():
         controller.step()
         snapshots.append(controller.stable_text(cseq))
+    return request, cseq, controller, snapshots
+
+
+def test_cross_tokenizer_switch_keeps_the_streamed_text(domain_models, tmp_path):
+    b = domain_checkpoint(tmp_path / "b2", DOMAIN_B, tokenizer=_retrained_tokenizer())
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    request, cseq, controller, snapshots = _switch_across_tokenizers(domain_models, b, params)
     final = request.output().outputs[0]
     assert all(final.text.startswith(s) for s in snapshots)  # what was streamed never changes
     assert final.text == cseq.prefix_text + controller.active.engine.outputs.text(cseq.seq)
@@ -348,6 +356,24 @@ def test_cross_tokenizer_switch_keeps_the_streamed_text(domain_models, tmp_path)
         use_tqdm=False)
     assert cseq.seq.output_token_ids == alone.outputs[0].token_ids
     assert len(final.token_ids) == len(cseq.prefix_token_ids) + left
+
+
+def test_a_stop_string_spanning_a_cross_tokenizer_switch_ends_the_request(domain_models, tmp_path):
+    # b knows domain A too (through its own tokenizer), so its continuation is visible text
+    b = domain_checkpoint(tmp_path / "b3", DOMAIN_A, tokenizer=_retrained_tokenizer())
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    _, first, controller, _ = _switch_across_tokenizers(domain_models, b, params)
+    before, after = first.prefix_text, controller.active.engine.outputs.text(first.seq)
+    stop = before[-2:] + after[:2]  # begins in a's text, ends in b's
+    assert len(before) >= 2 and len(after) >= 2 and stop not in before and stop not in before + after[:1]
+    request, cseq, _, snapshots = _switch_across_tokenizers(
+        domain_models, b, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=[stop]))
+    final = request.output().outputs[0]
+    assert cseq.prefix_text == before  # the same run up to the switch
+    assert final.finish_reason == "stop" and final.stop_reason == stop
+    assert final.text == (before + after)[:(before + after).find(stop)]
+    assert len(final.text) < len(before)  # the cut falls in the text generated before the switch
+    assert all(final.text.startswith(s) for s in snapshots)  # the held-back tail was never streamed
 
 
 def _retrained_tokenizer():

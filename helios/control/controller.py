@@ -405,6 +405,7 @@ class ControlledEngine:
                     request = next(r for r in self.requests.values() if cseq in r.seqs)
                     continued = new.engine.make_request(request.prompt_text + cseq.prefix_text,
                                                         cseq.remaining_params(request.params))
+                    continued.seqs[0].stop_context = cseq.prefix_text  # a stop string may span the switch
                     new.engine.add_request(continued)
                     self._attach(cseq, new.engine, continued, continued.seqs[0], new.model)
                 old.engine.abort(request_id)

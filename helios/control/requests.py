@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from helios.engine.engine import LLMEngine
+from helios.engine.output_processor import stable_prefix
 from helios.engine.outputs import CompletionOutput, RequestOutput
 from helios.engine.sequence import Request, Sequence
 from helios.sampling_params import SamplingParams
@@ -33,10 +34,21 @@ class ControlledSeq:
     def num_output_tokens(self) -> int:
         return len(self.prefix_token_ids) + (self.seq.num_output_tokens if self.seq is not None else 0)
 
-    def stable_text(self) -> str:
+    def text(self) -> str:
+        """Everything generated for this sample, cut at a stop string (which may begin in the prefix)."""
         if self.seq is None:
             return self.prefix_text
-        return self.prefix_text + self.engine.stable_text(self.seq)
+        cut = self.seq.stop_text_end
+        if cut is not None and cut < 0:
+            return self.prefix_text[:len(self.prefix_text) + cut]
+        return self.prefix_text + self.engine.outputs.text(self.seq)
+
+    def stable_text(self) -> str:
+        """The text a stream may show: held back as one sequence's would be, over prefix and continuation alike."""
+        text = self.text()
+        if self.seq is None or self.seq.is_finished:
+            return text
+        return stable_prefix(text, self.seq.params.stop)
 
     def completion(self) -> CompletionOutput:
         if self.seq is None:
@@ -44,7 +56,7 @@ class ControlledSeq:
                                     "abort" if self.failed else None)
         out = self.engine.outputs.completion(self.seq)
         out.index = self.index
-        out.text = self.prefix_text + out.text
+        out.text = self.text()
         out.token_ids = self.prefix_token_ids + out.token_ids
         out.exit_layers = self.prefix_exit_layers + out.exit_layers
         out.confidences = self.prefix_confidences + out.confidences

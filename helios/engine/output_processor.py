@@ -9,6 +9,20 @@ from helios.engine.sampler import TokenLogprobs
 from helios.engine.sequence import Request, Sequence
 
 
+def stable_prefix(text: str, stops: list[str] | None) -> str:
+    """What a running sequence's text can no longer lose: a trailing replacement character (the next token may
+    complete a multi-byte character) and any tail that could begin a stop string are held back."""
+    if text.endswith("\ufffd"):
+        text = text[:-1]
+    held = 0
+    for stop in stops or []:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return text[: len(text) - held]
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int):
         self.tokenizer = tokenizer
@@ -37,37 +51,28 @@ class OutputProcessor:
             seq.finish_reason = "length"
 
     def _stop_string(self, seq: Sequence) -> bool:
-        text = self.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        context = seq.stop_context
+        text = context + self.decode(seq.output_token_ids, seq.params.skip_special_tokens)
         hits = [(text.find(s), s) for s in seq.params.stop if s in text]
         if not hits:
             return False
         start, stop = min(hits)
         seq.stop_reason = stop
-        seq.stop_text_end = start + len(stop) if seq.params.include_stop_str_in_output else start
+        end = start + len(stop) if seq.params.include_stop_str_in_output else start
+        seq.stop_text_end = end - len(context)
         return True
 
     # ---- text -------------------------------------------------------------------------------------------------
     def text(self, seq: Sequence) -> str:
-        """The generated text, cut at a stop string when one ended the sequence."""
+        """The generated text, cut at a stop string when one ended the sequence (a cut inside the sequence's
+        stop_context leaves none of its own text)."""
         text = self.decode(seq.output_token_ids, seq.params.skip_special_tokens)
-        return text[: seq.stop_text_end] if seq.stop_text_end is not None else text
+        return text[: max(0, seq.stop_text_end)] if seq.stop_text_end is not None else text
 
     def stable_text(self, seq: Sequence) -> str:
-        """The part of the text that can no longer change: while a sequence runs, a trailing replacement
-        character (the next token may complete a multi-byte character) and any tail that could begin a stop string
-        are held back. A finished sequence's text is all stable."""
+        """The part of the text that can no longer change (see stable_prefix); a finished sequence's is all of it."""
         text = self.text(seq)
-        if seq.is_finished:
-            return text
-        if text.endswith("\ufffd"):
-            text = text[:-1]
-        held = 0
-        for stop in seq.params.stop or []:
-            for k in range(min(len(stop) - 1, len(text)), held, -1):
-                if text.endswith(stop[:k]):
-                    held = k
-                    break
-        return text[: len(text) - held]
+        return text if seq.is_finished else stable_prefix(text, seq.params.stop)
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:

@@ -34,6 +34,9 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.stop_text_end: int | None = None  # where the generated text is cut (at or after a stop string)
+        # text generated for this sample before this sequence (on another model): a stop string may begin in it;
+        # a negative stop_text_end cuts into it
+        self.stop_context = ""
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks (prefix cache keys)
         self.num_published_blocks = 0  # leading blocks of its table already offered to the prefix cache

@@ -19,7 +19,7 @@ from helios.config import EngineConfig
 from helios.control import SLO, ControlledEngine
 from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
-from helios.engine.prompts import is_token_ids
+from helios.engine.prompts import ChatPrompt, is_token_ids
 from helios.engine.sequence import Request
 from helios.exits.config import ExitConfig
 from helios.sampling_params import SamplingParams
@@ -158,9 +158,7 @@ class LLM:
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"model {self.engine.source.name!r} has no chat template (its tokenizer sets none): "
                              "pass chat_template='<a Jinja template>', or use generate() with a plain prompt")
-        text = tokenizer.apply_chat_template(list(conversation), tokenize=False, chat_template=chat_template,
-                                             add_generation_prompt=add_generation_prompt, **template_kwargs)
-        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        return ChatPrompt(tokenizer, list(conversation), chat_template, add_generation_prompt, **template_kwargs)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the generated text of one prompt piece by piece as tokens arrive: exactly the text generate()

@@ -376,6 +376,29 @@ def test_a_stop_string_spanning_a_cross_tokenizer_switch_ends_the_request(domain
     assert all(final.text.startswith(s) for s in snapshots)  # the held-back tail was never streamed
 
 
+def test_a_conversation_is_rendered_with_the_chat_template_of_the_model_serving_it(tmp_path, monkeypatch):
+    a_tokenizer, b_tokenizer = make_tokenizer(), _retrained_tokenizer()
+    a_tokenizer.chat_template = "A|{% for m in messages %}{{ m['content'] }}{% endfor %}|"
+    b_tokenizer.chat_template = "B|{% for m in messages %}{{ m['content'] }}{% endfor %}|"
+    a = domain_checkpoint(tmp_path / "a", DOMAIN_A, tokenizer=a_tokenizer)
+    b = domain_checkpoint(tmp_path / "b", DOMAIN_A, tokenizer=b_tokenizer)
+    seen: list[tuple[str, object]] = []
+    original = LLMEngine.make_request
+
+    def make_request(self, prompt, params):
+        seen.append((str(self.source.path), prompt))
+        return original(self, prompt, params)
+
+    monkeypatch.setattr(LLMEngine, "make_request", make_request)
+    llm = LLM([a, b], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    outputs = llm.chat([[{"role": "user", "content": text}] for text in DOMAIN_A * 2], GREEDY, use_tqdm=False)
+    assert all(o.finished and len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
+    on_b = [prompt for path, prompt in seen if path == str(b)]
+    assert on_b and all(p["prompt"].startswith("B|") for p in on_b)  # b's profile requests: b's own template
+    assert all(p["prompt_token_ids"] == b_tokenizer.encode(p["prompt"], add_special_tokens=False) for p in on_b)
+    assert all(p["prompt"].startswith("A|") for path, p in seen if path == str(a))
+
+
 def _retrained_tokenizer():
     return make_tokenizer([" ".join(DOMAIN_B) * 6, "numbers letters code"], vocab_size=280)
 

@@ -38,7 +38,7 @@ from helios.control.slo import SLO
 from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
 from helios.engine.probes import ProbeLog
-from helios.engine.prompts import PromptTooLongError, parse_prompt
+from helios.engine.prompts import ChatPrompt, PromptTooLongError, parse_prompt
 from helios.exits.config import ExitConfig, ExitPolicy
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
@@ -163,7 +163,8 @@ class ControlledEngine:
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt is {len(token_ids)} tokens, longer than max_model_len="
                                      f"{self.max_model_len} (of {self.source.name}) allows")
-        return ControlledRequest(f"c{next(self._request_ids)}", text, token_ids, params)
+        return ControlledRequest(f"c{next(self._request_ids)}", text, token_ids, params,
+                                 chat=prompt if isinstance(prompt, ChatPrompt) else None)
 
     @locked
     def add_request(self, request: ControlledRequest) -> None:
@@ -189,10 +190,10 @@ class ControlledEngine:
 
     def _route(self, request: ControlledRequest, engine: LLMEngine, model: str) -> None:
         """Hands a request (all its samples) to an engine, by token ids when the tokenizer is the first
-        candidate's, else by text."""
+        candidate's, else by text (a conversation in that model's own chat template)."""
         same = self._tokenizer_keys.get(model) == self.tokenizer_key
         prompt = {"prompt": request.prompt_text, "prompt_token_ids": request.prompt_token_ids} if same \
-            else request.prompt_text
+            else request.prompt_for(engine.tokenizer)
         try:
             inner = engine.make_request(prompt, request.params)
         except ValueError as e:  # e.g. too long for this model: the request ends, visibly
@@ -403,7 +404,7 @@ class ControlledEngine:
                         continue
                     cseq.carry_over()
                     request = next(r for r in self.requests.values() if cseq in r.seqs)
-                    continued = new.engine.make_request(request.prompt_text + cseq.prefix_text,
+                    continued = new.engine.make_request(request.prompt_for(new.engine.tokenizer, cseq.prefix_text),
                                                         cseq.remaining_params(request.params))
                     continued.seqs[0].stop_context = cseq.prefix_text  # a stop string may span the switch
                     new.engine.add_request(continued)

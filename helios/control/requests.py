@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from helios.engine.engine import LLMEngine
 from helios.engine.output_processor import stable_prefix
 from helios.engine.outputs import CompletionOutput, RequestOutput
+from helios.engine.prompts import ChatPrompt
 from helios.engine.sequence import Request, Sequence
 from helios.sampling_params import SamplingParams
 
@@ -83,17 +84,28 @@ class ControlledSeq:
 
 
 class ControlledRequest:
-    def __init__(self, request_id: str, prompt_text: str, prompt_token_ids: list[int] | None, params: SamplingParams):
+    def __init__(self, request_id: str, prompt_text: str, prompt_token_ids: list[int] | None, params: SamplingParams,
+                 chat: ChatPrompt | None = None):
         self.request_id = request_id
         self.prompt_text = prompt_text
         self.prompt_token_ids = prompt_token_ids  # in the first candidate's tokenizer (None: text only)
         self.params = params
+        self.chat = chat  # a conversation: each model renders it with its own chat template
         self.seqs = [ControlledSeq(i) for i in range(params.n)]
         self.profiled_by: str | None = None  # candidate whose profile this request served
 
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    def prompt_for(self, tokenizer, continuation: str = "") -> str | dict:
+        """The prompt (+ text generated so far) for a model with another tokenizer than the first candidate's: a
+        conversation in that model's chat template (the first candidate's rendering when it has none), else the
+        prompt text."""
+        if self.chat is None:
+            return self.prompt_text + continuation
+        text = (self.chat.render(tokenizer) or self.prompt_text) + continuation
+        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
     def output(self) -> RequestOutput:
         first = next((s.inner for s in self.seqs if s.inner is not None), None)

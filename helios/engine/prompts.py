@@ -1,5 +1,5 @@
 """The prompt forms vLLM users pass: text, a list of token ids, {"prompt": text} or {"prompt_token_ids": ids}
-(both keys together: the ids, with the text kept for display)."""
+(both keys together: the ids, with the text kept for display); and conversations rendered by a chat template."""
 
 from __future__ import annotations
 
@@ -42,3 +42,29 @@ def parse_prompt(prompt, tokenizer, vocab_size: int) -> tuple[str | None, list[i
     if not token_ids:
         raise ValueError("prompt is empty after tokenization")
     return prompt, token_ids
+
+
+class ChatPrompt(dict):
+    """A conversation rendered with one tokenizer's chat template, as a {"prompt", "prompt_token_ids"} prompt
+    (the template supplies any BOS text, so no special tokens are added again). It keeps the conversation, so a
+    model with another tokenizer (the control plane's candidates) can render it with its own template."""
+
+    def __init__(self, tokenizer, conversation: list[dict], chat_template: str | None = None,
+                 add_generation_prompt: bool = True, **template_kwargs):
+        self.conversation = list(conversation)
+        self.chat_template = chat_template
+        self.add_generation_prompt = add_generation_prompt
+        self.template_kwargs = template_kwargs
+        text = self.render(tokenizer)
+        if text is None:
+            raise ValueError("the tokenizer has no chat template: pass chat_template='<a Jinja template>', or use "
+                             "a plain prompt")
+        super().__init__(prompt=text, prompt_token_ids=tokenizer.encode(text, add_special_tokens=False))
+
+    def render(self, tokenizer) -> str | None:
+        """The conversation in `tokenizer`'s chat template (or the explicit one); None when it has none."""
+        if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
+            return None
+        return tokenizer.apply_chat_template(self.conversation, tokenize=False, chat_template=self.chat_template,
+                                             add_generation_prompt=self.add_generation_prompt,
+                                             **self.template_kwargs)

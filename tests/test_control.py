@@ -98,6 +98,47 @@ def test_truncation_and_growth_read_only_their_layers(checkpoints, monkeypatch):
     assert engine.model.loaded_layers == 4 and engine.kv_cache.num_layers == 4
 
 
+def _greedy_ids(engine: LLMEngine, prompt: str = "The quick brown fox") -> list[int]:
+    request = engine.make_request(prompt, GREEDY)
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    return request.seqs[0].output_token_ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_an_engine_sharing_weights_reads_only_the_layers_it_lacks(checkpoints, monkeypatch, kind):
+    config = EngineConfig(checkpoints[kind], kv_cache_blocks=32)
+    full = LLMEngine(config)
+    names = _reads(monkeypatch)
+    short = LLMEngine(EngineConfig(checkpoints[kind], num_layers=2, kv_cache_blocks=32), share_weights=full)
+    assert names == [] and short.layers_read == 0  # nothing read again: layers 1..2, embedding and head shared
+    fresh = LLMEngine(EngineConfig(checkpoints[kind], num_layers=2, kv_cache_blocks=32))
+    names.clear()
+    deep = LLMEngine(config, share_weights=short)
+    assert _layers_read(names) == {2, 3} and deep.layers_read == 2
+    for shared, alone in ((short, fresh), (deep, full)):
+        assert (shared.model.weight_bytes, shared.model.layer_bytes, shared.model.num_parameters) == (
+            alone.model.weight_bytes, alone.model.layer_bytes, alone.model.num_parameters)
+        assert _greedy_ids(shared) == _greedy_ids(alone)
+    assert short.model.loaded_layers == 2 and full.model.loaded_layers == 4  # the donor is unchanged
+    with pytest.raises(ValueError, match="cannot share weights"):
+        LLMEngine(EngineConfig(checkpoints[kind], kv_cache_blocks=32, max_model_len=64), share_weights=full)
+
+
+def test_deployment_and_reprofiling_reuse_the_weights_in_memory(domain_models, monkeypatch):
+    names = _reads(monkeypatch)
+    llm = LLM(domain_models["a"], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    assert _layers_read(names) == set(range(6))  # the cold-start profile reads the whole model
+    names.clear()
+    llm.generate(DOMAIN_A, GREEDY, use_tqdm=False)
+    depth = llm.stats()["control"]["depth"]
+    assert depth < 6 and names == []  # the truncated deployment shares the profiled engine's layers 1..L
+    llm.set_slo(SLO(**{**SMALL_SLO, "objective": "memory"}))  # re-profiles the active model at full depth
+    assert _layers_read(names) == set(range(depth, 6))  # only the layers the deployment lacks
+    assert all(o.finished for o in llm.generate(DOMAIN_A, GREEDY, use_tqdm=False))
+
+
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_tokens_after_growth_equal_a_model_of_the_new_depth(checkpoints, kind):
     engine = LLMEngine(EngineConfig(checkpoints[kind], num_layers=2, kv_cache_blocks=64))

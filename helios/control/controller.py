@@ -8,7 +8,8 @@ exits and thresholds (helios.control.selector); only layers 1..L of M are loaded
 them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
 `breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
 Every `reprofile_interval` requests (and on set_slo) the candidates are profiled again beside the active
-deployment, which keeps serving all other traffic.
+deployment, which keeps serving all other traffic. Engines of one model share weights: a profile of the deployed
+model reads only the layers the deployment lacks, and a deployment chosen after a profile reads none.
 
 Nothing is lost: a request moves between engines whole. With the same tokenizer, its sequences are released by
 one engine and adopted by the other (re-prefilled from their tokens); across tokenizers, each sample's text so
@@ -78,6 +79,7 @@ class ControlledEngine:
         self.pending: deque[ControlledRequest] = deque()  # waiting for the first deployment
         self.active: Deployment | None = None
         self.profiling: ProfilingRun | None = None
+        self._last_profiled: ProfilingRun | None = None  # its weights stay until the selection after it
         self.to_profile: deque[str] = deque()
         self.requests_since_profile = 0
         self.monitor = BreachMonitor(slo.breach_window, slo.max_breaches)
@@ -95,12 +97,20 @@ class ControlledEngine:
     # ---- engines ------------------------------------------------------------------------------------------------
     def _build(self, model: str, **changes) -> LLMEngine:
         """An engine of `model` with its trained exit heads when it has any (ExitConfig.heads, else the model's
-        helios_exits/ folder); exit layers and thresholds are the control plane's to set."""
+        helios_exits/ folder); exit layers and thresholds are the control plane's to set. It shares the weights
+        of a live engine of the same model (the deployment, or the engine that just profiled it): only layers
+        that one lacks are read from disk."""
         config = self.configs[model]
         heads = config.early_exit.heads if config.early_exit is not None else None
         config = dataclasses.replace(config, early_exit=ExitConfig(heads=heads), **changes)
+        donor = next((e for m, e in self._live_engines() if m == model), None)
         started = time.perf_counter()
-        engine = LLMEngine(config, request_ids=self._engine_request_ids)
+        try:
+            engine = LLMEngine(config, request_ids=self._engine_request_ids, share_weights=donor)
+        except ValueError:
+            if donor is None:
+                raise
+            engine = LLMEngine(config, request_ids=self._engine_request_ids)  # not shareable: read it all
         seconds = time.perf_counter() - started
         m = engine.model
         self._tokenizer_keys.setdefault(model, tokenizer_key(engine.tokenizer))
@@ -108,8 +118,17 @@ class ControlledEngine:
             name=model, total_layers=m.total_layers, bytes_per_layer=m.layer_bytes / m.loaded_layers,
             fixed_bytes=m.weight_bytes - m.layer_bytes,
             kv_bytes_per_token_per_layer=engine.kv_bytes_per_token // m.loaded_layers,
-            tokenizer=self._tokenizer_keys[model], load_seconds_per_layer=seconds / m.loaded_layers))
+            tokenizer=self._tokenizer_keys[model],
+            # measured only when layers came from disk (shared ones cost nothing)
+            load_seconds_per_layer=seconds / engine.layers_read if engine.layers_read else None))
         return engine
+
+    def _live_engines(self) -> list[tuple[str, LLMEngine]]:
+        """Engines holding weights now, deepest first: the profiling run, the deployment, the last profiled."""
+        live = [(r.model, r.engine) for r in (self.profiling, self._last_profiled) if r is not None]
+        if self.active is not None:
+            live.append((self.active.model, self.active.engine))
+        return sorted(live, key=lambda me: -me[1].model.loaded_layers)
 
     def _start_round(self, reason: str) -> None:
         self.to_profile = deque(self.configs)
@@ -292,7 +311,11 @@ class ControlledEngine:
             self._serve_interim(run, profile)
         self._next_profile()
         if self.profiling is None:
-            self._reselect("profiles complete")
+            self._last_profiled = run  # the selection may deploy this model: its layers need not be read again
+            try:
+                self._reselect("profiles complete")
+            finally:
+                self._last_profiled = None
         else:
             self._drain_pending()
 

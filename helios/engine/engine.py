@@ -46,8 +46,11 @@ def _reset_for_recompute(seq: Sequence) -> None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, request_ids: Iterator[int] | None = None):
-        """request_ids: where request ids come from (engines that hand requests to each other share one)."""
+    def __init__(self, config: EngineConfig, request_ids: Iterator[int] | None = None,
+                 share_weights: LLMEngine | None = None):
+        """request_ids: where request ids come from (engines that hand requests to each other share one).
+        share_weights: an engine of the same model, dtype, device, quantization and max_model_len whose weights
+        this one reuses (embedding, LM head and the layers both have); only layers it lacks are read."""
         self.config = config
         self.device = resolve_device(config.device)
         self.source = resolve_model(config.model)
@@ -78,8 +81,15 @@ class LLMEngine:
             logger.warning("trust_remote_code=True changes nothing: helios serves its built-in architectures and "
                            "never runs code from a checkpoint")
 
-        self.model = load_model(hf, checkpoint, num_layers, self.max_model_len, self.dtype, self.device,
-                                PagedAttentionOps(self.device), config.quantization)
+        if share_weights is not None:
+            self._check_shareable(share_weights)
+            reader = weight_reader(hf, checkpoint, self.dtype, self.device, config.quantization)
+            self.model = share_weights.model.shared(reader, num_layers)
+            self.layers_read = max(0, num_layers - share_weights.model.loaded_layers)
+        else:
+            self.model = load_model(hf, checkpoint, num_layers, self.max_model_len, self.dtype, self.device,
+                                    PagedAttentionOps(self.device), config.quantization)
+            self.layers_read = num_layers  # decoder layers read from the checkpoint
         self.checkpoint = checkpoint
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.early_exit = config.early_exit
@@ -97,6 +107,15 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.exit_histogram: Counter[int] = Counter()  # 1-based exit layer -> generated tokens
         self.num_breaches = 0
+
+    def _check_shareable(self, other: LLMEngine) -> None:
+        mine = (self.source.path, self.dtype, self.device, self.config.quantization, self.config.load_format,
+                self.max_model_len)
+        theirs = (other.source.path, other.dtype, other.device, other.config.quantization, other.config.load_format,
+                  other.max_model_len)
+        if mine != theirs:
+            raise ValueError(f"cannot share weights: (model, dtype, device, quantization, load_format, max_model_len) "
+                             f"differ: {mine} vs {theirs}")
 
     def _build_kv_and_runner(self) -> None:
         """Sizes the KV pool for the loaded layers and builds the runner and scheduler over it."""
@@ -272,6 +291,7 @@ class LLMEngine:
             self._build_kv_and_runner()
         except BaseException:
             del model.layers[saved_model[0]:]
+            del model.layer_sizes[saved_model[0]:]
             model.loaded_layers, model.layer_bytes, model.weight_bytes, model.num_parameters = saved_model
             for name, value in saved_engine.items():
                 setattr(self, name, value)

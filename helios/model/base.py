@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from helios.ops import AttentionMetadata, PagedAttentionOps
@@ -121,18 +123,51 @@ class DecoderModel:
         """Reads the weights of layer `index` (0-based) through `reader`."""
         raise NotImplementedError
 
+    def _load_layers(self, reader, start: int, end: int) -> list:
+        """Reads layers start..end-1 (0-based), recording each one's bytes and parameters (layer_sizes)."""
+        layers, sizes = [], []
+        for i in range(start, end):
+            before, params_before = reader.bytes_loaded, reader.params_loaded
+            layers.append(self._load_layer(reader, i))
+            sizes.append((reader.bytes_loaded - before, reader.params_loaded - params_before))
+        self.layer_sizes = getattr(self, "layer_sizes", [])[:start] + sizes
+        return layers
+
     def grow(self, reader, depth: int) -> None:
         """Loads layers loaded_layers+1..depth (and no others) and appends them; the KV pool is the caller's."""
         if not self.loaded_layers < depth <= self.total_layers:
             raise ValueError(f"cannot grow from {self.loaded_layers} to {depth} layers (the model has "
                              f"{self.total_layers})")
-        before, params_before = reader.bytes_loaded, reader.params_loaded
-        new = [self._load_layer(reader, i) for i in range(self.loaded_layers, depth)]
+        sizes = list(self.layer_sizes)
+        try:
+            new = self._load_layers(reader, self.loaded_layers, depth)
+        except BaseException:
+            self.layer_sizes = sizes
+            raise
         self.layers.extend(new)  # only after every new layer loaded: a failure leaves the model as it was
         self.loaded_layers = depth
-        self.layer_bytes += reader.bytes_loaded - before
-        self.weight_bytes += reader.bytes_loaded - before
-        self.num_parameters += reader.params_loaded - params_before
+        added = self.layer_sizes[len(sizes):]
+        self.layer_bytes += sum(b for b, _ in added)
+        self.weight_bytes += sum(b for b, _ in added)
+        self.num_parameters += sum(p for _, p in added)
+
+    def shared(self, reader, depth: int) -> DecoderModel:
+        """A model of `depth` layers over this one's tensors: it shares the embedding, the LM head and layers
+        1..min(depth, loaded_layers) (nothing copied, nothing read again) and reads only the layers this one lacks
+        through `reader`. Exit heads are the new model's own to set."""
+        if not 1 <= depth <= self.total_layers:
+            raise ValueError(f"depth {depth} is outside 1..{self.total_layers}")
+        other = copy.copy(self)
+        keep = min(depth, self.loaded_layers)
+        dropped = self.layer_sizes[keep:]
+        other.layers, other.layer_sizes, other.loaded_layers = list(self.layers[:keep]), self.layer_sizes[:keep], keep
+        other.layer_bytes = self.layer_bytes - sum(b for b, _ in dropped)
+        other.weight_bytes = self.weight_bytes - sum(b for b, _ in dropped)
+        other.num_parameters = self.num_parameters - sum(p for _, p in dropped)
+        other.exit_heads = None
+        if depth > keep:
+            other.grow(reader, depth)
+        return other
 
     def _finish_loading(self, reader, tied: bool) -> None:
         """Loads the LM head (the input embedding when tied), prepares it for matmuls, and records the memory

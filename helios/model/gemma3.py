@@ -64,7 +64,7 @@ class Gemma3Model(DecoderModel):
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
         # transformers multiplies by sqrt(hidden) cast to the weights' dtype (55.4256 becomes 55.5 in bfloat16)
         self.embed_scale = torch.tensor(d**0.5, dtype=reader.dtype, device=reader.device)
-        self.layers: list[Gemma3Layer] = [self._load_layer(reader, i) for i in range(num_layers)]
+        self.layers: list[Gemma3Layer] = self._load_layers(reader, 0, num_layers)
         self.final_norm = Norm("rms_fp32", 1.0 + reader.get("norm.weight", (d,)).float(), None, self.eps)
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", True))
         self.qkv_split = (q_out, kv_out, kv_out)

@@ -58,7 +58,7 @@ class LlamaModel(DecoderModel):
         self.config = config
         self.attn_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
-        self.layers: list[LlamaLayer] = [self._load_layer(reader, i) for i in range(num_layers)]
+        self.layers: list[LlamaLayer] = self._load_layers(reader, 0, num_layers)
         self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", False))
         self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, reader.dtype, reader.device)

@@ -55,7 +55,7 @@ class OPTModel(DecoderModel):
                              f"({self.embed_positions.shape[0] - POSITION_OFFSET})")
         self.project_in = reader.get("project_in.weight", (d, proj_dim)) if proj_dim != d else None
         self.project_out = reader.get("project_out.weight", (proj_dim, d)) if proj_dim != d else None
-        self.layers: list[OPTLayer] = [self._load_layer(reader, i) for i in range(num_layers)]
+        self.layers: list[OPTLayer] = self._load_layers(reader, 0, num_layers)
         has_final = self.pre_norm and not getattr(config, "_remove_final_layer_norm", False)
         self.final_norm = self._norm(reader, "final_layer_norm") if has_final else None
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", True))

@@ -333,11 +333,38 @@ def test_profiling_selects_a_truncated_model_and_serves_every_request(domain_mod
     assert (tmp_path / "r.json").is_file()
 
 
+def _profile_every_candidate(llm: LLM) -> None:
+    """Cold start with candidates a and b: a's profile takes the first requests (the rest join its run), the next
+    requests profile b while a serves the others."""
+    for _ in range(2):
+        assert all(o.finished for o in llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False))
+    assert len(llm.stats()["control"]["pht"]) == 2
+
+
+def test_at_a_cold_start_no_request_waits_for_the_first_profile(domain_models):
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    controller = llm.engine
+    requests = [controller.make_request(p, GREEDY) for p in DOMAIN_A + DOMAIN_B]
+    for request in requests:
+        controller.add_request(request)
+    controller.step()
+    # the profile's two requests and the four beyond them all ran in the first step, on a's profiling engine
+    assert all(r.seqs[0].seq is not None and r.seqs[0].seq.num_output_tokens == 1 for r in requests)
+    assert controller.profiling.engine is requests[-1].seqs[0].engine and not controller.pending
+    while controller.has_unfinished():
+        controller.step()
+    assert all(len(r.output().outputs[0].token_ids) == GREEDY.max_tokens for r in requests)
+    profiled = next(e for e in controller.events.events if e.kind == "profile" and e.reason.startswith("profiled"))
+    assert profiled.data["requests"] == SMALL_SLO["profile_requests"]
+    assert profiled.data["tokens"] > SMALL_SLO["profile_requests"] * GREEDY.max_tokens  # the joiners' rows too
+
+
 def test_a_domain_shift_triggers_growth_or_a_switch_and_nothing_is_lost(domain_models):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
-    first = llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles a, then b
+    first = llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles a (the 4 others join its run)
+    first += llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles b; a serves the rest meanwhile
     assert all(o.finished for o in first)
-    # cold start: once a is profiled, its full-depth engine serves the waiting requests while b is profiled
+    # cold start: once a is profiled, its full-depth engine serves the other requests while b is profiled
     order = [(e.kind, e.reason.split(":")[0]) for e in llm.engine.events.events]
     interim = order.index(("select", "interim"))
     assert order.index(("profile", f"profiled {domain_models['a']}")) < interim < \
@@ -361,7 +388,7 @@ def _switch_across_tokenizers(domain_models, b: Path, params: SamplingParams, st
     """A request that model a starts and b (another tokenizer) finishes: (request, its sample, controller, the
     stable text streamed after every step)."""
     llm = LLM([domain_models["a"], b], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
-    llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
+    _profile_every_candidate(llm)
     controller = llm.engine
     if controller.active.model != str(domain_models["a"]):
         controller._deploy(next(p for p in controller._plans() if p.model == str(domain_models["a"])))
@@ -432,7 +459,8 @@ def test_a_conversation_is_rendered_with_the_chat_template_of_the_model_serving_
 
     monkeypatch.setattr(LLMEngine, "make_request", make_request)
     llm = LLM([a, b], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
-    outputs = llm.chat([[{"role": "user", "content": text}] for text in DOMAIN_A * 2], GREEDY, use_tqdm=False)
+    conversations = [[{"role": "user", "content": text}] for text in DOMAIN_A * 2]
+    outputs = llm.chat(conversations, GREEDY, use_tqdm=False) + llm.chat(conversations, GREEDY, use_tqdm=False)
     assert all(o.finished and len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
     on_b = [prompt for path, prompt in seen if path == str(b)]
     assert on_b and all(p["prompt"].startswith("B|") for p in on_b)  # b's profile requests: b's own template
@@ -446,7 +474,7 @@ def _retrained_tokenizer():
 
 def test_stream_and_several_samples_survive_a_switch(domain_models):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
-    llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
+    _profile_every_candidate(llm)
     controller = llm.engine
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     stream = llm.stream("The quick brown fox", params)
@@ -474,7 +502,7 @@ def test_stream_and_several_samples_survive_a_switch(domain_models):
 
 def test_a_failed_load_is_an_event_and_serving_goes_on(domain_models, monkeypatch):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
-    llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)
+    _profile_every_candidate(llm)
     controller = llm.engine
     before = (controller.active.model, controller.active.plan.depth)
 

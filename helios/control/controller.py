@@ -1,9 +1,9 @@
 """ControlledEngine: the HELIOS loop over engines, with LLMEngine's interface (LLM drives it the same way).
 
 Cold start: candidates are profiled one after another, each serving the next `profile_requests` live requests
-at full depth with every probe exit evaluated (helios.engine.probes); requests beyond those wait only until the
-first candidate's profile ends (the documented stall: one profiling run), then its full-depth engine serves them
-while the others are profiled. Then the selector picks model M, depth L,
+at full depth with every probe exit evaluated (helios.engine.probes); requests beyond those run at once on the
+first candidate's profiling engine (probed as well: more live pairs, no stall), which keeps serving them at full
+depth while the others are profiled. Then the selector picks model M, depth L,
 exits and thresholds (helios.control.selector); only layers 1..L of M are loaded and the KV pool is sized for
 them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
 `breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
@@ -50,8 +50,15 @@ class ProfilingRun:
     model: str
     engine: LLMEngine
     log: ProbeLog
-    requests: list[ControlledRequest] = field(default_factory=list)
+    requests: list[ControlledRequest] = field(default_factory=list)  # the profile's own (profile_requests)
+    # at a cold start, every other request joins the first candidate's run at once (its rows are probed too)
+    # instead of waiting for the profile to end
+    joined: list[ControlledRequest] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return all(r.is_finished for r in self.requests)
 
 
 @dataclass
@@ -198,6 +205,9 @@ class ControlledEngine:
             self._profile_on(request)
         elif self.active is not None:
             self._route(request, self.active.engine, self.active.model)
+        elif run is not None:  # cold start: nothing deployed yet, the profiling engine serves it meanwhile
+            run.joined.append(request)
+            self._route(request, run.engine, run.model)
         else:
             self.pending.append(request)
 
@@ -278,8 +288,7 @@ class ControlledEngine:
                 self._react()
         self._forget_finished()
         # a run with fewer requests than a profile needs waits for more traffic
-        if run is not None and run is self.profiling and len(run.requests) >= self.slo.profile_requests \
-                and not run.engine.has_unfinished():
+        if run is not None and run is self.profiling and len(run.requests) >= self.slo.profile_requests and run.done:
             self._finish_profile(run)
         return []
 
@@ -293,7 +302,7 @@ class ControlledEngine:
     def _finish_profile(self, run: ProfilingRun) -> None:
         tokenizer = run.engine.tokenizer
         prompt_bytes, output_bytes = {}, {}
-        for request in run.requests:
+        for request in run.requests + run.joined:
             for cseq in request.seqs:
                 if cseq.inner is None or cseq.engine is not run.engine:
                     continue
@@ -320,8 +329,9 @@ class ControlledEngine:
             self._drain_pending()
 
     def _serve_interim(self, run: ProfilingRun, profile) -> None:
-        """Cold start: the first profiled candidate's full-depth engine serves the waiting requests while the other
-        candidates are profiled, so nothing waits for every profile (plain decoding: no exits, no breaches)."""
+        """Cold start: the first profiled candidate's full-depth engine goes on serving the requests that joined its
+        run (and any waiting) while the other candidates are profiled, so nothing waits for every profile (plain
+        decoding: no exits, no breaches)."""
         run.engine.set_probes(None)
         depth = run.engine.model.total_layers
         plan = Plan(model=run.model, depth=depth, exits=(), thresholds={depth: never_breach(profile.confidence)},

@@ -334,40 +334,46 @@ def test_profiling_selects_a_truncated_model_and_serves_every_request(domain_mod
 
 
 def _profile_every_candidate(llm: LLM) -> None:
-    """Cold start with candidates a and b: a's profile takes the first requests (the rest join its run), the next
-    requests profile b while a serves the others."""
+    """Cold start with candidates a and b: a's profile takes the first requests (an interim a serves the rest), the
+    next requests profile b while the interim serves the others."""
     for _ in range(2):
         assert all(o.finished for o in llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False))
     assert len(llm.stats()["control"]["pht"]) == 2
 
 
-def test_at_a_cold_start_no_request_waits_for_the_first_profile(domain_models):
+def test_at_a_cold_start_no_request_waits_for_the_first_profile(domain_models, monkeypatch):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
     controller = llm.engine
+    profiling, interim = controller.profiling.engine, controller.active.engine
+    # the interim engine serves beside the profile, on the same weights, with the whole pool
+    assert interim.model.layers[0] is profiling.model.layers[0] and interim.layers_read == 0
+    assert interim.kv_cache.num_blocks == 64 > profiling.kv_cache.num_blocks
     requests = [controller.make_request(p, GREEDY) for p in DOMAIN_A + DOMAIN_B]
     for request in requests:
         controller.add_request(request)
     controller.step()
-    # the profile's two requests and the four beyond them all ran in the first step, on a's profiling engine
+    # the profile's two requests and the four beyond them all ran in the first step
     assert all(r.seqs[0].seq is not None and r.seqs[0].seq.num_output_tokens == 1 for r in requests)
-    assert controller.profiling.engine is requests[-1].seqs[0].engine and not controller.pending
+    assert [r.seqs[0].engine for r in requests] == [profiling] * 2 + [interim] * 4 and not controller.pending
     while controller.has_unfinished():
         controller.step()
     assert all(len(r.output().outputs[0].token_ids) == GREEDY.max_tokens for r in requests)
     profiled = next(e for e in controller.events.events if e.kind == "profile" and e.reason.startswith("profiled"))
+    # the profile measured its own requests only (its timing is not diluted by the others)
     assert profiled.data["requests"] == SMALL_SLO["profile_requests"]
-    assert profiled.data["tokens"] > SMALL_SLO["profile_requests"] * GREEDY.max_tokens  # the joiners' rows too
+    assert profiled.data["tokens"] == SMALL_SLO["profile_requests"] * GREEDY.max_tokens
 
 
 def test_a_domain_shift_triggers_growth_or_a_switch_and_nothing_is_lost(domain_models):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
-    first = llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles a (the 4 others join its run)
-    first += llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles b; a serves the rest meanwhile
+    first = llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles a (an interim a serves the other 4)
+    first += llm.generate(DOMAIN_A * 2, GREEDY, use_tqdm=False)  # profiles b; the interim serves the rest
     assert all(o.finished for o in first)
     # cold start: once a is profiled, its full-depth engine serves the other requests while b is profiled
     order = [(e.kind, e.reason.split(":")[0]) for e in llm.engine.events.events]
     interim = order.index(("select", "interim"))
-    assert order.index(("profile", f"profiled {domain_models['a']}")) < interim < \
+    assert order.index(("profile", f"profiling {domain_models['a']} on the next 2 requests")) < interim < \
+        order.index(("profile", f"profiled {domain_models['a']}")) < \
         order.index(("profile", f"profiled {domain_models['b']}"))
     control = llm.stats()["control"]
     assert control["active_model"] == str(domain_models["a"])  # a is confident on domain A, b is not

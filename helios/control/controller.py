@@ -1,9 +1,9 @@
 """ControlledEngine: the HELIOS loop over engines, with LLMEngine's interface (LLM drives it the same way).
 
 Cold start: candidates are profiled one after another, each serving the next `profile_requests` live requests
-at full depth with every probe exit evaluated (helios.engine.probes); requests beyond those run at once on the
-first candidate's profiling engine (probed as well: more live pairs, no stall), which keeps serving them at full
-depth while the others are profiled. Then the selector picks model M, depth L,
+at full depth with every probe exit evaluated (helios.engine.probes); beside the first profile, an interim engine
+of the same model (sharing its weights) serves every other request at full depth from the start, until all
+candidates are profiled. Then the selector picks model M, depth L,
 exits and thresholds (helios.control.selector); only layers 1..L of M are loaded and the KV pool is sized for
 them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
 `breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
@@ -41,6 +41,7 @@ from helios.engine.outputs import RequestOutput
 from helios.engine.probes import ProbeLog
 from helios.engine.prompts import ChatPrompt, PromptTooLongError, parse_prompt
 from helios.exits.config import ExitConfig, ExitPolicy
+from helios.model.source import resolve_model
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
 
@@ -50,10 +51,7 @@ class ProfilingRun:
     model: str
     engine: LLMEngine
     log: ProbeLog
-    requests: list[ControlledRequest] = field(default_factory=list)  # the profile's own (profile_requests)
-    # at a cold start, every other request joins the first candidate's run at once (its rows are probed too)
-    # instead of waiting for the profile to end
-    joined: list[ControlledRequest] = field(default_factory=list)
+    requests: list[ControlledRequest] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -162,20 +160,40 @@ class ControlledEngine:
                             model=model, probe_layers=list(log.layers))
             while self.pending and len(self.profiling.requests) < self.slo.profile_requests:
                 self._profile_on(self.pending.popleft())  # requests waiting since the cold start go first
+            if self.active is None:
+                self._start_interim(self.profiling)
             return
         self.profiling = None
 
     def _profiling_pool(self, model: str) -> dict:
-        """Beside a deployment, a profiling engine's KV pool holds just its profile requests (at max_model_len), so
-        a profile adds one candidate's full-depth weights and that much KV to the memory in use, not a second
-        budget. At a cold start nothing is deployed: the first candidate gets the whole budget, since its engine
-        then serves the waiting requests until the others are profiled."""
-        if self.active is None:
-            return {}
+        """A profiling engine's KV pool holds just its profile requests (at max_model_len), so a profile adds the
+        candidate's weights that no live engine shares and that much KV to the memory in use, not a second
+        budget."""
         config = self.configs[model]
-        max_len = config.max_model_len or self.max_model_len
+        max_len = config.max_model_len or getattr(resolve_model(config.model).config, "max_position_embeddings",
+                                                  None) or 2048
         blocks = self.slo.profile_requests * -(-max_len // config.block_size)
         return {"kv_cache_blocks": blocks if config.kv_cache_blocks is None else min(blocks, config.kv_cache_blocks)}
+
+    def _start_interim(self, run: ProfilingRun) -> None:
+        """Cold start: beside the first profiling run, an engine of the same model at full depth (sharing its
+        weights, with the whole memory budget for KV) serves every request beyond the profile's from the start,
+        and goes on until every candidate is profiled: nobody waits for a profile, and the profile's timing is
+        its own requests' (plain decoding: no exits, no breaches)."""
+        try:
+            engine = self._build(run.model, num_layers=None)
+        except Exception as e:  # the requests wait for the profiling engine instead (_serve_interim)
+            self.events.add("failure", f"starting {run.model} beside its profile failed: {e}", model=run.model)
+            return
+        engine.set_exit_policy(None)
+        depth = engine.model.total_layers
+        plan = Plan(model=run.model, depth=depth, exits=(), thresholds={depth: never_breach("max_prob")},
+                    coverage=1.0, seconds_per_token=0.0, tokens_per_second=0.0, max_seqs=None, prompt_bpb=None,
+                    reason="interim")
+        self.active = Deployment(run.model, engine, plan)
+        self.events.add("select", f"interim: {run.model} at full depth serves requests beyond the profile's until "
+                        "every candidate is profiled", model=run.model, depth=depth, pending=len(self.pending))
+        self._drain_pending()
 
     # ---- requests (LLMEngine's interface) -------------------------------------------------------------------------
     def make_request(self, prompt, params: SamplingParams) -> ControlledRequest:
@@ -205,9 +223,6 @@ class ControlledEngine:
             self._profile_on(request)
         elif self.active is not None:
             self._route(request, self.active.engine, self.active.model)
-        elif run is not None:  # cold start: nothing deployed yet, the profiling engine serves it meanwhile
-            run.joined.append(request)
-            self._route(request, run.engine, run.model)
         else:
             self.pending.append(request)
 
@@ -302,7 +317,7 @@ class ControlledEngine:
     def _finish_profile(self, run: ProfilingRun) -> None:
         tokenizer = run.engine.tokenizer
         prompt_bytes, output_bytes = {}, {}
-        for request in run.requests + run.joined:
+        for request in run.requests:
             for cseq in request.seqs:
                 if cseq.inner is None or cseq.engine is not run.engine:
                     continue
@@ -329,9 +344,8 @@ class ControlledEngine:
             self._drain_pending()
 
     def _serve_interim(self, run: ProfilingRun, profile) -> None:
-        """Cold start: the first profiled candidate's full-depth engine goes on serving the requests that joined its
-        run (and any waiting) while the other candidates are profiled, so nothing waits for every profile (plain
-        decoding: no exits, no breaches)."""
+        """Cold start when no engine could start beside the first profile: its full-depth engine serves the waiting
+        requests while the other candidates are profiled (plain decoding: no exits, no breaches)."""
         run.engine.set_probes(None)
         depth = run.engine.model.total_layers
         plan = Plan(model=run.model, depth=depth, exits=(), thresholds={depth: never_breach(profile.confidence)},

@@ -205,7 +205,9 @@ def cmd_profile(args) -> int:
               target_precision=args.target_precision)
     llm = LLM(args.model, slo=slo, memory_budget=args.memory_budget, max_model_len=args.max_model_len,
               device=args.device, dtype=args.dtype, repository=args.repository)
-    llm.generate(prompts[:needed], SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=True)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    for k in range(len(args.model)):  # one profile's requests at a time: the candidates are profiled in turn
+        llm.generate(prompts[k * args.requests:(k + 1) * args.requests], params, use_tqdm=True)
     control = llm.stats()["control"]
     print(f"Performance History Table ({args.requests} requests per model, {args.max_tokens} new tokens each):")
     _print_table(["model", "tokens", "tok/s", "ms/layer", "ms/check", "prompt bits/byte", "output bits/byte",

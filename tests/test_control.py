@@ -341,6 +341,27 @@ def _profile_every_candidate(llm: LLM) -> None:
     assert len(llm.stats()["control"]["pht"]) == 2
 
 
+def test_candidates_bits_per_byte_are_compared_on_the_same_prompts(domain_models):
+    import math
+
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    _profile_every_candidate(llm)  # a and b were profiled on different requests
+    rows = {row["model"]: row for row in llm.stats()["control"]["pht"]}
+    a, b = rows[str(domain_models["a"])], rows[str(domain_models["b"])]
+    assert a["reference"] == b["reference"] and a["reference_bpb"] == a["prompt_bpb"]
+    # b's reference bits per byte: b's own likelihood of the prompts a was profiled on
+    judge = LLMEngine(EngineConfig(domain_models["b"], kv_cache_blocks=64))
+    nats = num_bytes = 0
+    for text in DOMAIN_A[:SMALL_SLO["profile_requests"]]:
+        ids = judge.make_request(text, GREEDY).prompt_token_ids
+        log_probs = judge.prompt_logits(ids)[:-1].log_softmax(-1)
+        nats -= float(log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+        num_bytes += len(judge.tokenizer.decode(ids[1:], skip_special_tokens=True).encode())
+    assert b["reference_bpb"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-5)
+    select = next(e for e in llm.stats()["events"] if e["kind"] == "select" and "profiles complete" in e["reason"])
+    assert "same reference prompts" in select["reason"]
+
+
 def test_at_a_cold_start_no_request_waits_for_the_first_profile(domain_models, monkeypatch):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
     controller = llm.engine

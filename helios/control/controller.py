@@ -20,6 +20,7 @@ never changes. A request never mixes two models' K/V: each engine holds its own 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import threading
 import time
@@ -27,11 +28,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from helios.config import EngineConfig
 from helios.control.actions import breach_options
 from helios.control.events import EventLog
 from helios.control.monitor import BreachMonitor
-from helios.control.profile import build_profile, probe_layers
+from helios.control.profile import bits_per_byte, build_profile, probe_layers
 from helios.control.repository import ModelFacts, ModelRepository, tokenizer_key
 from helios.control.requests import ControlledRequest, ControlledSeq
 from helios.control.selector import Plan, never_breach, plan_candidate, select
@@ -136,6 +139,7 @@ class ControlledEngine:
         return sorted(live, key=lambda me: -me[1].model.loaded_layers)
 
     def _start_round(self, reason: str) -> None:
+        self._reference: list[ControlledRequest] = []  # prompts every candidate of the round is scored on (bpb)
         self.to_profile = deque(self.configs)
         self.requests_since_profile = 0
         self.events.add("reassess", reason, candidates=list(self.configs))
@@ -235,9 +239,7 @@ class ControlledEngine:
     def _route(self, request: ControlledRequest, engine: LLMEngine, model: str) -> None:
         """Hands a request (all its samples) to an engine, by token ids when the tokenizer is the first
         candidate's, else by text (a conversation in that model's own chat template)."""
-        same = self._tokenizer_keys.get(model) == self.tokenizer_key
-        prompt = {"prompt": request.prompt_text, "prompt_token_ids": request.prompt_token_ids} if same \
-            else request.prompt_for(engine.tokenizer)
+        prompt = self._prompt_on(request, model, engine)
         try:
             inner = engine.make_request(prompt, request.params)
         except ValueError as e:  # e.g. too long for this model: the request ends, visibly
@@ -248,6 +250,13 @@ class ControlledEngine:
         engine.add_request(inner)
         for cseq, seq in zip(request.seqs, inner.seqs, strict=True):
             self._attach(cseq, engine, inner, seq, model)
+
+    def _prompt_on(self, request: ControlledRequest, model: str, engine: LLMEngine):
+        """The request's prompt for `model`: its token ids when the tokenizer is the first candidate's, else text
+        (a conversation in that model's own chat template)."""
+        if self._tokenizer_keys.get(model) == self.tokenizer_key:
+            return {"prompt": request.prompt_text, "prompt_token_ids": request.prompt_token_ids}
+        return request.prompt_for(engine.tokenizer)
 
     def _attach(self, cseq: ControlledSeq, engine: LLMEngine, inner, seq, model: str) -> None:
         cseq.engine, cseq.inner, cseq.seq = engine, inner, seq
@@ -328,6 +337,7 @@ class ControlledEngine:
                     run.engine.outputs.text(cseq.seq).encode())
         profile = build_profile(run.model, run.engine.model.total_layers, run.log, run.seconds, prompt_bytes,
                                 output_bytes, len(run.requests))
+        self._score_reference(run, profile)
         self.repository.record(profile)
         self.events.add("profile", f"profiled {run.model}", **profile.summary())
         self.profiling = None  # the full-depth copy goes with the run (its finished requests keep what they read)
@@ -342,6 +352,26 @@ class ControlledEngine:
                 self._last_profiled = None
         else:
             self._drain_pending()
+
+    def _score_reference(self, run: ProfilingRun, profile) -> None:
+        """Bits per byte of the round's reference prompts under this candidate: the first profile of a round makes
+        its own prompts the reference (its prompt_bpb is that already); later candidates score the same text (one
+        prefill each, on their idle profiling engine), so the quality guard compares them on equal terms."""
+        if not self._reference:
+            self._reference = list(run.requests)
+            profile.reference_bpb = profile.prompt_bpb
+        else:
+            engine, nats, num_bytes = run.engine, 0.0, 0
+            for request in self._reference:
+                prompt = self._prompt_on(request, run.model, engine)
+                ids = engine.make_request(prompt, SamplingParams(max_tokens=1)).prompt_token_ids
+                if not 2 <= len(ids) < engine.max_model_len:
+                    continue
+                log_probs = engine.prompt_logits(ids)[:-1].log_softmax(-1)
+                nats -= float(log_probs.gather(1, torch.tensor(ids[1:], device=log_probs.device)[:, None]).sum())
+                num_bytes += len(engine.tokenizer.decode(ids[1:], skip_special_tokens=True).encode())
+            profile.reference_bpb = bits_per_byte(nats, num_bytes)
+        profile.reference = hashlib.sha1("\x00".join(r.prompt_text for r in self._reference).encode()).hexdigest()[:12]
 
     def _serve_interim(self, run: ProfilingRun, profile) -> None:
         """Cold start when no engine could start beside the first profile: its full-depth engine serves the waiting

@@ -31,6 +31,10 @@ class Profile:
     confidence: str
     pairs: dict[int, dict[str, list]] = field(default_factory=dict)  # layer -> {"values": [...], "agree": [...]}
     time: float = field(default_factory=time.time)
+    # bits per byte of the round's reference prompts (the first profile's, the same text for every candidate of a
+    # round, so the quality guard compares like with like), and which reference that was
+    reference_bpb: float | None = None
+    reference: str | None = None
 
     @property
     def tokens_per_second(self) -> float:

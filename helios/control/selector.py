@@ -8,7 +8,8 @@ Rules (all on the profiled tokens of the candidate's latest PHT row):
   (none does: the whole model, where no token can breach);
 - an intermediate exit l < L is kept iff its exit rate x (L - l) x seconds per layer exceeds the share of tokens
   still there x seconds per exit check (both measured while profiling);
-- eligible candidates: prompt bits per byte within bpb_tolerance (relative) of the best; then the objective picks.
+- eligible candidates: prompt bits per byte within bpb_tolerance (relative) of the best, measured on the round's
+  reference prompts (the first profile's, scored by every candidate); then the objective picks.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Plan:
     seconds_per_token: float  # estimated step time share of one token at this depth (profiled batch)
     tokens_per_second: float  # estimated from the profile's measured rate scaled by the cost model
     max_seqs: int | None  # concurrent sequences of max_model_len that fit the memory budget (None: no budget)
-    prompt_bpb: float | None
+    prompt_bpb: float | None  # on the round's reference prompts when measured there (bpb_reference), else its own
     reason: str = ""
+    bpb_reference: str | None = None
     scores: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -138,7 +140,9 @@ def plan_candidate(profile: Profile, facts: ModelFacts, slo: SLO, memory_budget:
         per_seq = facts.kv_bytes_per_token_per_layer * depth * max_model_len
         max_seqs = max(0, int(free // per_seq)) if per_seq else None
     return Plan(model=profile.model, depth=depth, exits=exits, thresholds=thresholds, coverage=coverage,
-                seconds_per_token=seconds, tokens_per_second=tps, max_seqs=max_seqs, prompt_bpb=profile.prompt_bpb)
+                seconds_per_token=seconds, tokens_per_second=tps, max_seqs=max_seqs,
+                prompt_bpb=profile.prompt_bpb if profile.reference_bpb is None else profile.reference_bpb,
+                bpb_reference=None if profile.reference_bpb is None else profile.reference)
 
 
 def select(plans: list[Plan], slo: SLO) -> Plan:
@@ -154,7 +158,11 @@ def select(plans: list[Plan], slo: SLO) -> Plan:
            "energy": lambda p: -p.seconds_per_token,
            "memory": lambda p: (p.max_seqs or 0, p.tokens_per_second)}[slo.objective]
     chosen = max(eligible, key=key)
+    references = {p.bpb_reference for p in plans if p.prompt_bpb is not None}
+    text = "the same reference prompts" if len(references) == 1 and None not in references else \
+        "each one's own profiled prompts"
     chosen.reason = (f"best {slo.objective} among {[p.model for p in eligible]} (prompt bits/byte within "
-                     f"{slo.bpb_tolerance:.0%} of the best, {best_bpb if best_bpb is None else round(best_bpb, 4)})")
+                     f"{slo.bpb_tolerance:.0%} of the best, {best_bpb if best_bpb is None else round(best_bpb, 4)}, "
+                     f"on {text})")
     chosen.scores = {p.model: p.summary() for p in plans}
     return chosen

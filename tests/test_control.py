@@ -135,8 +135,9 @@ def test_deployment_and_reprofiling_reuse_the_weights_in_memory(domain_models, m
     depth = llm.stats()["control"]["depth"]
     assert depth < 6 and names == []  # the truncated deployment shares the profiled engine's layers 1..L
     llm.set_slo(SLO(**{**SMALL_SLO, "objective": "memory"}))  # re-profiles the active model at full depth
-    assert _layers_read(names) == set(range(depth, 6))  # only the layers the deployment lacks
+    assert names == []  # on the next requests: nothing is loaded for a round without traffic
     assert all(o.finished for o in llm.generate(DOMAIN_A, GREEDY, use_tqdm=False))
+    assert _layers_read(names) == set(range(depth, 6))  # only the layers the deployment lacks
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
@@ -551,6 +552,8 @@ def test_set_slo_reprofiles_and_events_reach_the_logger(domain_models, caplog):
     with caplog.at_level("INFO", logger="helios.control"):
         llm.generate(DOMAIN_A, GREEDY, use_tqdm=False)
         llm.set_slo(SLO(**{**SMALL_SLO, "objective": "memory"}))
+        assert llm.engine.profiling is None  # the round's first profile starts with the next request
+        llm.engine.add_request(llm.engine.make_request(DOMAIN_A[0], GREEDY))
         # beside the deployment, the profiling engine's pool holds only its profile requests, not a second budget
         profiling = llm.engine.profiling.engine
         assert profiling.kv_cache.num_blocks == SMALL_SLO["profile_requests"] * -(-profiling.max_model_len // 16) < 64

@@ -143,7 +143,15 @@ class ControlledEngine:
         self.to_profile = deque(self.configs)
         self.requests_since_profile = 0
         self.events.add("reassess", reason, candidates=list(self.configs))
+        if self.active is None:
+            self._next_profile()  # cold start: the first candidate's engine now (its tokenizer reads the prompts)
+        # else the next request starts the round's first profile: no engine is built for a round without traffic
+
+    def _next_candidate(self) -> None:
+        """Starts the next candidate's profile; when none is left (or none could load), selects."""
         self._next_profile()
+        if self.profiling is None:
+            self._reselect("profiles complete")
 
     def _next_profile(self) -> None:
         while self.to_profile:
@@ -222,6 +230,8 @@ class ControlledEngine:
         self.requests_since_profile += 1
         if self.requests_since_profile >= self.slo.reprofile_interval and self.profiling is None:
             self._start_round(f"{self.requests_since_profile} requests since the last profile (RI)")
+        if self.profiling is None and self.to_profile and self.active is not None:
+            self._next_candidate()
         run = self.profiling
         if run is not None and len(run.requests) < self.slo.profile_requests:
             self._profile_on(request)
@@ -343,15 +353,14 @@ class ControlledEngine:
         self.profiling = None  # the full-depth copy goes with the run (its finished requests keep what they read)
         if self.active is None:
             self._serve_interim(run, profile)
-        self._next_profile()
-        if self.profiling is None:
-            self._last_profiled = run  # the selection may deploy this model: its layers need not be read again
-            try:
-                self._reselect("profiles complete")
-            finally:
-                self._last_profiled = None
-        else:
+        if self.to_profile:  # the next candidate is profiled on the next requests (built when one arrives)
             self._drain_pending()
+            return
+        self._last_profiled = run  # the selection may deploy this model: its layers need not be read again
+        try:
+            self._reselect("profiles complete")
+        finally:
+            self._last_profiled = None
 
     def _score_reference(self, run: ProfilingRun, profile) -> None:
         """Bits per byte of the round's reference prompts under this candidate: the first profile of a round makes

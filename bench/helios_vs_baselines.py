@@ -490,7 +490,8 @@ def _plot(results: dict, models: list[str], path: Path) -> None:
             for event in r["events"]:
                 if event["kind"] in ("select", "grow", "switch", "truncate"):
                     axes[0].axvline(event["time"] - t0, color="gray", alpha=0.3)
-                    axes[0].text(event["time"] - t0, 0, event["kind"], rotation=90, fontsize=6)
+                    axes[0].text(event["time"] - t0, 0.02, f"{name.removeprefix('helios:')}: {event['kind']}",
+                                 rotation=90, fontsize=5, transform=axes[0].get_xaxis_transform())
     axes[0].set_ylabel("tokens/s per wave")
     axes[1].set_ylabel("token agreement with plain")
     axes[1].set_xlabel("seconds since the configuration started")

@@ -22,6 +22,12 @@ TORCH_LIBRARY(helios, m) {
       "int8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def(
+      "decode_layers(Tensor hidden, Tensor positions, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] key_caches, "
+      "Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cos, Tensor sin, "
+      "int num_heads, int num_kv_heads, float eps, float scale, int[] sliding_windows) -> Tensor");
+  m.def(
       "int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");
 }
@@ -36,6 +42,8 @@ TORCH_LIBRARY_IMPL(helios, CPU, m) {
   m.impl("silu_and_mul", &helios::silu_and_mul_cpu);
   m.impl("int8_linear", &helios::int8_linear_cpu);
   m.impl("int4_linear", &helios::int4_linear_cpu);
+  m.impl("linear", &helios::linear_cpu);
+  m.impl("decode_layers", &helios::decode_layers_cpu);
 }
 
 namespace py = pybind11;

@@ -50,6 +50,21 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual);
 
+// Float32 linear over a plain [N, K] weight (see cpu/linear_ops.cpp): x [..., K] -> [..., N], optional bias [N]
+// and residual [..., N].
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& residual);
+
+// The decode layer stack of a Llama-family float32 model in one parallel region (see cpu/decode_stack.cpp):
+// hidden [tokens, d] (one decode token per sequence) through every layer whose weights are listed, K/V stored in
+// the caches; returns the new hidden states.
+at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::TensorList key_caches,
+                             at::TensorList value_caches, const at::Tensor& slot_mapping,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
+                             const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, double eps,
+                             double scale, at::IntArrayRef sliding_windows);
+
 // Shared argument checks (same messages on every device).
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping);

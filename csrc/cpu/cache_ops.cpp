@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "../ops.h"
-#include "simd.h"
+#include "paged_attention.h"
 
 namespace helios {
 
@@ -85,52 +85,19 @@ void check_paged_attention_args(const at::Tensor& out, const at::Tensor& query, 
 
 namespace {
 
-// Row of a cache/query tensor as float: fp32 rows are read in place, other dtypes converted into `buf`.
-template <typename T>
-inline const float* as_float(const T* src, float* buf, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-  return buf;
-}
-template <>
-inline const float* as_float<float>(const float* src, float*, int64_t) {
-  return src;
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-inline void axpy(float w, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
-}
-
-// Online softmax over the context, one cache block at a time (scores of a block live in a small buffer), so no
-// per-task allocation and one pass over K and V per query token.
 template <typename scalar_t>
 void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const int32_t* tables, int64_t max_blocks,
                           const int32_t* seq_lens, const int32_t* qsl, int64_t num_seqs, float scale,
                           int64_t window) {
   const int64_t tokens = query.size(0), heads = query.size(1), dim = query.size(2);
-  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
-  const int64_t group = heads / kv_heads;
-#ifdef HELIOS_SIMD
-  const int64_t padded_block = (block_size + simd::kLanes - 1) / simd::kLanes * simd::kLanes;  // whole vectors
-#else
-  const int64_t padded_block = block_size;
-#endif
+  const PagedKV<scalar_t> kv{key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), key_cache.size(1),
+                             key_cache.size(2), dim, heads / key_cache.size(2)};
   const int64_t q_stride = query.stride(0);
-  const int64_t slot_stride = kv_heads * dim;  // elements per cache slot
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
-  const scalar_t* k_ptr = key_cache.data_ptr<scalar_t>();
-  const scalar_t* v_ptr = value_cache.data_ptr<scalar_t>();
   scalar_t* o_ptr = out.data_ptr<scalar_t>();
 
-  // token -> sequence, so that work splits by (token, kv head) and long prefills still spread over cores.
+  // token -> sequence, so that work splits by token and long prefills still spread over cores.
   std::vector<int64_t> token_seq(tokens, -1);
   for (int64_t s = 0; s < num_seqs; ++s)
     for (int64_t t = qsl[s]; t < qsl[s + 1]; ++t) token_seq[t] = s;
@@ -139,64 +106,14 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Te
   // token, front to back. (Tasks of one KV head each read 1/kv_heads of every slot at a stride, which ran 3x slower
   // inside the engine than in isolation: there the cache is cold and the strided reads defeat the prefetcher.)
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch, reused by every task of this chunk.
-    std::vector<float> q(heads * dim), acc(heads * dim), row(slot_stride), scores(heads * padded_block);
-    std::vector<float> run_max(heads), run_sum(heads);
+    AttentionScratch scratch(heads, dim, kv.slot_stride(), kv.block_size);  // reused by every task of this chunk
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = token_seq[t];
       if (s < 0) continue;
       const int64_t q_len = qsl[s + 1] - qsl[s];
       const int64_t pos = seq_lens[s] - q_len + (t - qsl[s]);  // absolute position of this query token
-      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      const int32_t* table = tables + s * max_blocks;
-      const scalar_t* src = q_ptr + t * q_stride;
-      for (int64_t i = 0; i < heads * dim; ++i) q[i] = static_cast<float>(src[i]) * scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
-      std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
-        const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
-        const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
-        // scores of this block for every head (head h reads KV head h / group)
-        for (int64_t p = lo; p < hi; ++p) {
-          const float* k = as_float(k_ptr + (base + p - block_start) * slot_stride, row.data(), slot_stride);
-          for (int64_t h = 0; h < heads; ++h)
-            scores[h * padded_block + (p - lo)] = dot(q.data() + h * dim, k + (h / group) * dim, dim);
-        }
-        // online softmax update: rescale what was accumulated when the running max grows
-        for (int64_t h = 0; h < heads; ++h) {
-          float* sc = scores.data() + h * padded_block;
-          float block_max = run_max[h];
-          for (int64_t i = 0; i < hi - lo; ++i) block_max = std::max(block_max, sc[i]);
-          const float correction = std::exp(run_max[h] - block_max);
-          if (correction != 1.f) {
-            run_sum[h] *= correction;
-            for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] *= correction;
-          }
-          run_max[h] = block_max;
-          const int64_t n = hi - lo;
-#ifdef HELIOS_SIMD
-          // vector exp over whole vectors of the (padded) scores row: lanes past n are computed and never read
-          for (int64_t i = 0; i < n; i += simd::kLanes)
-            simd::store(sc + i, simd::exp(simd::add(simd::load(sc + i), simd::broadcast(-block_max))));
-#else
-          for (int64_t i = 0; i < n; ++i) sc[i] = std::exp(sc[i] - block_max);
-#endif
-          float sum = 0.f;
-          for (int64_t i = 0; i < n; ++i) sum += sc[i];
-          run_sum[h] += sum;
-        }
-        for (int64_t p = lo; p < hi; ++p) {
-          const float* v = as_float(v_ptr + (base + p - block_start) * slot_stride, row.data(), slot_stride);
-          for (int64_t h = 0; h < heads; ++h)
-            axpy(scores[h * padded_block + (p - lo)], v + (h / group) * dim, acc.data() + h * dim, dim);
-        }
-      }
-      scalar_t* o = o_ptr + t * heads * dim;
-      for (int64_t h = 0; h < heads; ++h) {
-        const float inv = 1.f / run_sum[h];
-        for (int64_t d = 0; d < dim; ++d) o[h * dim + d] = static_cast<scalar_t>(acc[h * dim + d] * inv);
-      }
+      attend_token(kv, q_ptr + t * q_stride, tables + s * max_blocks, pos, window, scale, 0, heads,
+                   o_ptr + t * heads * dim, scratch);
     }
   });
 }

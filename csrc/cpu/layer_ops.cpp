@@ -12,38 +12,11 @@
 #include <cmath>
 
 #include "../ops.h"
+#include "layer_rows.h"
 
 namespace helios {
 
 namespace {
-
-// The value a float becomes when torch stores it in scalar_t (identity for float).
-template <typename scalar_t>
-inline float round_to(float x) {
-  return static_cast<float>(static_cast<scalar_t>(x));
-}
-
-// One RMSNorm row. (Loops with pragmas live in functions: a pragma cannot sit inside a dispatch macro.)
-template <typename scalar_t>
-inline void rms_norm_row(const scalar_t* row, const scalar_t* w, scalar_t* o, int64_t d, float eps) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) sum += static_cast<float>(row[i]) * static_cast<float>(row[i]);
-  const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
-  // reference: weight * (x_fp32 * rsqrt(mean + eps)).to(dtype)
-  for (int64_t i = 0; i < d; ++i)
-    o[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * round_to<scalar_t>(static_cast<float>(row[i]) * inv));
-}
-
-// One row of silu(gate) * up, silu rounded to the dtype first as the reference does.
-template <typename scalar_t>
-inline void silu_and_mul_row(const scalar_t* gate, const scalar_t* up, scalar_t* o, int64_t d) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) {
-    const float g = static_cast<float>(gate[i]);
-    o[i] = static_cast<scalar_t>(round_to<scalar_t>(g / (1.f + std::exp(-g))) * static_cast<float>(up[i]));
-  }
-}
 
 void check_rows(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() >= 1 && x.stride(-1) == 1, op, ": the last dimension must be contiguous");
@@ -98,18 +71,6 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary_embedding", [&] {
     const scalar_t* cos_ptr = cos.data_ptr<scalar_t>();
     const scalar_t* sin_ptr = sin.data_ptr<scalar_t>();
-    // reference: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]); each product rounded
-    auto rotate = [&](scalar_t* x, const scalar_t* c, const scalar_t* s) {
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = static_cast<float>(x[i]), b = static_cast<float>(x[i + half]);
-        const float lo = round_to<scalar_t>(a * static_cast<float>(c[i])) +
-                         round_to<scalar_t>(-b * static_cast<float>(s[i]));
-        const float hi = round_to<scalar_t>(b * static_cast<float>(c[i + half])) +
-                         round_to<scalar_t>(a * static_cast<float>(s[i + half]));
-        x[i] = static_cast<scalar_t>(lo);
-        x[i + half] = static_cast<scalar_t>(hi);
-      }
-    };
     scalar_t* q_ptr = query.data_ptr<scalar_t>();
     scalar_t* k_ptr = key.data_ptr<scalar_t>();
     const int64_t q_heads = query.size(1), k_heads = key.size(1);
@@ -117,8 +78,8 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Te
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* c = cos_ptr + pos[t] * dim;
         const scalar_t* s = sin_ptr + pos[t] * dim;
-        for (int64_t h = 0; h < q_heads; ++h) rotate(q_ptr + t * query.stride(0) + h * dim, c, s);
-        for (int64_t h = 0; h < k_heads; ++h) rotate(k_ptr + t * key.stride(0) + h * dim, c, s);
+        for (int64_t h = 0; h < q_heads; ++h) rotate_row(q_ptr + t * query.stride(0) + h * dim, c, s, half);
+        for (int64_t h = 0; h < k_heads; ++h) rotate_row(k_ptr + t * key.stride(0) + h * dim, c, s, half);
       }
     });
   });

@@ -18,16 +18,17 @@
 
 #include "../ops.h"
 
+#include "gemm.h"
 #include "simd.h"
 
 namespace helios {
 
 namespace {
 
-using simd::kMR;
-constexpr int64_t kNR = 4;           // output rows per tile: the weights are stored tile by tile (see below)
+using gemm::Epilogue;
+using gemm::kNR;                     // output rows per tile: the weights are stored tile by tile (see below)
+using gemm::kSmallM;                 // up to here weights are converted in registers; above, slabs + at::mm
 constexpr int64_t kGroup = 32;       // group size along K (one scale and minimum each)
-constexpr int64_t kSmallM = 48;      // up to here weights are converted in registers; above, slabs + at::mm
 constexpr int64_t kSlabTiles = 256;  // tiles (x kNR rows) dequantized at once on the at::mm path
 
 // Layout, interleaved by tiles of kNR output rows so that one tile is one sequential stream in memory (four
@@ -38,6 +39,7 @@ constexpr int64_t kSlabTiles = 256;  // tiles (x kNR rows) dequantized at once o
 // Rows past out_features are zero padding.
 template <int Bits>
 struct GroupTiles {
+  static constexpr bool kTail = false;  // K is a whole number of groups
   static constexpr int64_t kGroupBytes = kGroup * Bits / 8;
   const uint8_t* q;
   const float* scale;
@@ -78,100 +80,12 @@ struct GroupTiles {
     }
 #endif
   }
-};
-
-struct Epilogue {
-  const float* bias;      // [N] or null
-  const float* residual;  // [M, N] or null
-  float* out;             // [M, N]
-  int64_t N;
-  void put(int64_t m, int64_t n, float v) const {
-    if (bias) v += bias[n];
-    if (residual) v += residual[m * N + n];
-    out[m * N + n] = v;
+  // Tile t as kNR x K floats, dequantized into buffer (gemm::tile_range without SIMD).
+  const float* tile(int64_t t, float* buffer) const {
+    for (int64_t j = 0; j < kNR; ++j) dequant(t, j, buffer + j * K);
+    return buffer;
   }
 };
-
-// Calls f(std::integral_constant<int, MR>{}) with MR = rows, for rows in 1..kMR (register-blocked kernels are
-// instantiated per block height).
-template <typename F>
-void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: if constexpr (kMR >= 4) f(std::integral_constant<int, 4>{}); break;
-    case 5: if constexpr (kMR >= 5) f(std::integral_constant<int, 5>{}); break;
-    case 6: if constexpr (kMR >= 6) f(std::integral_constant<int, 6>{}); break;
-    default: TORCH_CHECK(false, "with_rows: ", rows, " rows per block");
-  }
-}
-
-#ifdef HELIOS_SIMD
-// MR (1..kMR) input rows against tile t, weights converted in registers and never stored. Measured against
-// dequantizing each tile into an L1 buffer first: as fast at 32 rows (int8) and faster below (int4 at 32 rows
-// too). (The unroll pragmas let GCC keep `sum` in registers.)
-template <int MR, typename Tiles>
-void direct_rows(const float* x, int64_t m0, int64_t t, const Tiles& w, const Epilogue& epi) {
-  const int64_t K = w.K;
-  simd::Vec sum[MR][kNR];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) sum[i][j] = simd::zero();
-  for (int64_t k = 0; k < K; k += simd::kLanes) {
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) {
-      const simd::Vec v = w.load(t, j, k);
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) sum[i][j] = simd::fma(simd::load(x + (m0 + i) * K + k), v, sum[i][j]);
-    }
-  }
-  const int64_t n0 = t * kNR, nr = std::min(kNR, epi.N - n0);
-  for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < nr; ++j) epi.put(m0 + i, n0 + j, simd::sum(sum[i][j]));
-}
-
-template <typename Tiles>
-void direct_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const Epilogue& epi) {
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t m0 = 0; m0 < M; m0 += kMR)
-        with_rows(std::min(kMR, M - m0), [&](auto mr) { direct_rows<mr.value>(x, m0, t, w, epi); });
-  });
-}
-#endif
-
-#ifndef HELIOS_SIMD
-// x[m0 + i]·tile[j] over K for MR input rows and kNR tile rows (tile: kNR x K floats), into the output.
-template <int MR>
-void micro_kernel(const float* x, int64_t m0, const float* tile, int64_t K, int64_t n0, const Epilogue& epi) {
-  const int64_t nr = std::min(kNR, epi.N - n0);
-  for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < nr; ++j) {
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += x[(m0 + i) * K + k] * tile[j * K + k];
-      epi.put(m0 + i, n0 + j, s);
-    }
-}
-
-// Without SIMD intrinsics: each thread dequantizes a tile into an L1-resident buffer once and runs every input row
-// against it.
-template <typename Tiles>
-void tile_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const Epilogue& epi) {
-  const int64_t K = w.K;
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(kNR * K);
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t j = 0; j < kNR; ++j) w.dequant(t, j, buffer.data() + j * K);
-      for (int64_t m0 = 0; m0 < M; m0 += kMR)
-        with_rows(std::min(kMR, M - m0),
-                  [&](auto mr) { micro_kernel<mr.value>(x, m0, buffer.data(), K, t * kNR, epi); });
-    }
-  });
-}
-#endif
 
 // Many rows (prefill): slabs of the weight dequantized to float32 and multiplied with at::mm.
 template <typename Tiles>
@@ -227,11 +141,7 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const Tiles& w, int
   const float* xp = x2.data_ptr<float>();
   if (M == 0) {
   } else if (M <= kSmallM) {
-#ifdef HELIOS_SIMD
-    direct_gemm(xp, M, tiles, w, epi);
-#else
-    tile_gemm(xp, M, tiles, w, epi);
-#endif
+    gemm::small_gemm(xp, M, tiles, w, epi);
   } else {
     slab_gemm(x2, tiles, w, epi);
   }

@@ -14,6 +14,9 @@ constexpr int64_t kLanes = 16;
 constexpr int64_t kMR = 6;  // input rows per register block: 6 x 4 accumulators + 6 inputs + 1 weight of 32 registers
 inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load_first(const float* p, int64_t n) {  // p[0:n], zeros in lanes n.. (n < kLanes); reads only p[0:n]
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
@@ -35,6 +38,10 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kMR = 3;  // input rows per register block: 3 x 4 accumulators + 3 inputs + 1 weight of 16 registers
 inline Vec zero() { return _mm256_setzero_ps(); }
 inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec load_first(const float* p, int64_t n) {  // p[0:n], zeros in lanes n.. (n < kLanes); reads only p[0:n]
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+}
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec broadcast(float v) { return _mm256_set1_ps(v); }

@@ -78,10 +78,12 @@ class WeightReader:
         self.bytes_loaded += tensor.numel() * tensor.element_size()
         self.params_loaded += tensor.numel()
 
-    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear | QuantizedLinear:
-        """A decoder linear over weights read by get(): quantized when the model is, its bytes recounted."""
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               plain: bool = False) -> Linear | QuantizedLinear:
+        """A decoder linear over weights read by get(): quantized when the model is, its bytes recounted;
+        plain=True keeps a float weight in its checkpoint layout (see Linear)."""
         if self.quantization is None:
-            return Linear(weight, bias)
+            return Linear(weight, bias, plain=plain)
         quantized = QuantizedLinear(weight, bias, self.quantization)
         self.bytes_loaded += quantized.nbytes - weight.numel() * weight.element_size()
         return quantized

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from helios.model.base import DecoderModel
+from helios.model.decode_stack import decode_layers, is_decode_step, stack_args, stack_supported
 from helios.model.layers import RotaryEmbedding, WeightReader
 from helios.ops import AttentionMetadata, PagedAttentionOps
 from helios.ops.layer_ops import LayerOps
@@ -58,6 +59,8 @@ class LlamaModel(DecoderModel):
         self.config = config
         self.attn_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
+        # decode steps through the fused stack: its linears keep their weights plain (see helios.ops.linear)
+        self.use_stack = stack_supported(config, reader.device, reader.dtype, reader.quantization)
         self.layers: list[LlamaLayer] = self._load_layers(reader, 0, num_layers)
         self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", False))
@@ -70,6 +73,7 @@ class LlamaModel(DecoderModel):
         inter = config.intermediate_size
         layer_types = getattr(config, "layer_types", None)
         window = getattr(config, "sliding_window", None) or -1
+        plain = self.use_stack
 
         def bias(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
             return reader.get(p + name, shape) if self.attn_bias else None
@@ -83,18 +87,25 @@ class LlamaModel(DecoderModel):
                                   reader.get(p + "self_attn.v_proj.weight", (kv_out, d))]),
                        _cat_optional([bias("self_attn.q_proj.bias", (q_out,)),
                                       bias("self_attn.k_proj.bias", (kv_out,)),
-                                      bias("self_attn.v_proj.bias", (kv_out,))])),
+                                      bias("self_attn.v_proj.bias", (kv_out,))]), plain),
             o_proj=reader.linear(reader.get(p + "self_attn.o_proj.weight", (d, q_out)),
-                          reader.maybe(p + "self_attn.o_proj.bias", (d,))),
+                          reader.maybe(p + "self_attn.o_proj.bias", (d,)), plain),
             post_norm=reader.get(p + "post_attention_layernorm.weight", (d,)),
             gate_up=reader.linear(torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, d)),
                                       reader.get(p + "mlp.up_proj.weight", (inter, d))]),
                            _cat_optional([reader.maybe(p + "mlp.gate_proj.bias", (inter,)),
-                                          reader.maybe(p + "mlp.up_proj.bias", (inter,))])),
+                                          reader.maybe(p + "mlp.up_proj.bias", (inter,))]), plain),
             down=reader.linear(reader.get(p + "mlp.down_proj.weight", (d, inter)),
-                        reader.maybe(p + "mlp.down_proj.bias", (d,))),
+                        reader.maybe(p + "mlp.down_proj.bias", (d,)), plain),
             sliding_window=window if sliding else -1,
         )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        args = stack_args(self, kv_caches) if self.use_stack and is_decode_step(meta, input_ids.shape[0]) else None
+        if args is None:
+            return super().forward(input_ids, positions, kv_caches, meta)
+        return decode_layers(self, args, self.embed(input_ids, positions), positions, meta)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)

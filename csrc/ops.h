@@ -55,15 +55,15 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& residual);
 
-// The decode layer stack of a Llama-family float32 model in one parallel region (see cpu/decode_stack.cpp):
-// hidden [tokens, d] (one decode token per sequence) through every layer whose weights are listed, K/V stored in
-// the caches; returns the new hidden states.
+// The decode layer stack of a Llama-family model in one parallel region (see cpu/decode_stack.cpp): float32 hidden
+// [tokens, d] (one decode token per sequence) through every layer whose weights are listed (weight_bits 32: float32
+// weights; 8 / 4: helios' int8 / int4 tiles), K/V stored in the caches; returns the new hidden states.
 at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positions, at::TensorList weights,
                              const c10::List<std::optional<at::Tensor>>& biases, at::TensorList key_caches,
                              at::TensorList value_caches, const at::Tensor& slot_mapping,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                              const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, double eps,
-                             double scale, at::IntArrayRef sliding_windows);
+                             double scale, at::IntArrayRef sliding_windows, int64_t weight_bits);
 
 // Shared argument checks (same messages on every device).
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,

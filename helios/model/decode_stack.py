@@ -1,8 +1,9 @@
-"""The fused decode stack: a Llama-family float32 model's layers in one helios._C call (one OpenMP parallel region
-per step instead of ~5 per layer; csrc/cpu/decode_stack.cpp says why that matters with sleeping OpenMP threads).
+"""The fused decode stack: a Llama-family model's layers in one helios._C call (one OpenMP parallel region per step
+instead of ~5 per layer; csrc/cpu/decode_stack.cpp says why that matters with sleeping OpenMP threads). float32
+activations, with float32, int8 or int4 weights.
 
 The per-layer Python path (LlamaModel.layer) stays the oracle and serves everything the stack does not: prefills,
-mixed steps, more than 48 tokens, other dtypes, quantized weights, early exits and probes.
+mixed steps, more than 48 tokens, 16-bit dtypes, early exits and probes.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ from helios.ops import AttentionMetadata
 MAX_TOKENS = 48  # csrc/cpu/gemm.h kSmallM
 
 
-def stack_supported(config, device: torch.device, dtype: torch.dtype, quantization: str | None) -> bool:
-    """Whether a Llama-family model with this config can decode through the stack (HELIOS_DECODE_STACK=0: never)."""
+WEIGHT_BITS = {None: 32, "int8": 8, "int4": 4}
+QUANT_GROUP = 32  # helios.ops.quant.GROUP: a quantized stack multiplies unpadded activations
+
+
+def stack_supported(config, device: torch.device, dtype: torch.dtype, quantization: str | None,
+                    q_out: int) -> bool:
+    """Whether a Llama-family model with this config can decode through the stack (HELIOS_DECODE_STACK=0: never).
+    q_out = heads x head_dim, the output projection's input features."""
     if os.environ.get("HELIOS_DECODE_STACK", "1") == "0":
         return False
-    if device.type != "cpu" or dtype != torch.float32 or quantization is not None:
+    if device.type != "cpu" or dtype != torch.float32 or quantization not in WEIGHT_BITS:
         return False
     if config.hidden_act != "silu" or config.intermediate_size % 4:
+        return False
+    features = (config.hidden_size, config.intermediate_size, q_out)
+    if quantization is not None and any(k % QUANT_GROUP for k in features):
         return False
     from helios._ext import extension_available
 
@@ -41,20 +51,32 @@ class StackArgs:
 
     def __init__(self, layers: list, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.layers, self.depth, self.kv_caches = layers, len(layers), kv_caches
+        linears = [[w.qkv, w.o_proj, w.gate_up, w.down] for w in layers]
+        kinds = {_weight_bits(linear) for group in linears for linear in group}
+        # one weight kind for the whole stack (a layer replaced after loading may differ: then the per-layer path)
+        self.usable = len(kinds) == 1 and None not in kinds
+        self.weight_bits = kinds.pop() if self.usable else 0
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor | None] = []
-        for w in layers:
-            self.weights += [w.input_norm, w.qkv.weight, w.o_proj.weight, w.post_norm, w.gate_up.weight, w.down.weight]
-            self.biases += [w.qkv.bias, w.o_proj.bias, w.gate_up.bias, w.down.bias]
+        if self.usable:
+            for w, group in zip(layers, linears, strict=True):
+                self.weights += [w.input_norm, w.post_norm]
+                for linear in group:
+                    self.weights += [linear.weight] if self.weight_bits == 32 else list(linear.parts)
+                self.biases += [linear.bias for linear in group]
         self.windows = [w.sliding_window for w in layers]
-        # every linear must hold its plain float32 weight (a layer replaced after loading may not)
-        self.usable = all(getattr(getattr(w, name), "plain", False)
-                          for w in layers for name in ("qkv", "o_proj", "gate_up", "down"))
         self.keys = [kv[0] for kv in kv_caches[:self.depth]]
         self.values = [kv[1] for kv in kv_caches[:self.depth]]
 
     def matches(self, layers: list, kv_caches: list) -> bool:
         return self.layers is layers and self.depth == len(layers) and self.kv_caches is kv_caches
+
+
+def _weight_bits(linear) -> int | None:
+    """32 for a plain float32 Linear, 8 / 4 for a QuantizedLinear, None for what the stack cannot read."""
+    if getattr(linear, "plain", False):
+        return 32
+    return {"int8": 8, "int4": 4}.get(getattr(linear, "quantization", None))
 
 
 def stack_args(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> StackArgs | None:
@@ -72,4 +94,4 @@ def decode_layers(model, args: StackArgs, hidden: torch.Tensor, positions: torch
     return torch.ops.helios.decode_layers(
         hidden, positions, args.weights, args.biases, args.keys, args.values, meta.slot_mapping, meta.block_tables,
         meta.seq_lens, model.rotary.cos, model.rotary.sin, model.num_heads, model.num_kv_heads, model.eps,
-        model.scale, args.windows)
+        model.scale, args.windows, args.weight_bits)

@@ -60,7 +60,8 @@ class LlamaModel(DecoderModel):
         self.attn_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         self.embed_tokens = reader.get("embed_tokens.weight", (self.vocab_size, d))
         # decode steps through the fused stack: its linears keep their weights plain (see helios.ops.linear)
-        self.use_stack = stack_supported(config, reader.device, reader.dtype, reader.quantization)
+        self.use_stack = stack_supported(config, reader.device, reader.dtype, reader.quantization,
+                                         self.num_heads * self.head_dim)
         self.layers: list[LlamaLayer] = self._load_layers(reader, 0, num_layers)
         self.final_norm = Norm("rms", reader.get("norm.weight", (d,)), None, self.eps)
         self._finish_loading(reader, tied=getattr(config, "tie_word_embeddings", False))

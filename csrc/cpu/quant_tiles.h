@@ -1,0 +1,91 @@
+// The weight layout of helios' int8 / int4 linears (quant_ops.cpp, and the fused decode stack): tiles of gemm::kNR
+// output rows, groups of 32 along K with a float32 scale and minimum each, loaded and dequantized in registers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "gemm.h"
+#include "simd.h"
+
+namespace helios::quant {
+
+using gemm::kNR;
+constexpr int64_t kGroup = 32;  // group size along K (one scale and minimum each)
+
+// Layout, interleaved by tiles of kNR output rows so that one tile is one sequential stream in memory (four
+// separate row streams ran at a third of the bandwidth):
+//   q [tiles, K/32, kNR, 32 * Bits / 8], scale/minimum [tiles, K/32, kNR]; w = q * scale + minimum per group of 32
+//   along K. int8 (Bits 8): byte i holds value i. int4 (Bits 4, llama.cpp's Q4_1): byte i holds value i in the low
+//   nibble and value 16 + i in the high one.
+// Rows past out_features are zero padding.
+template <int Bits>
+struct GroupTiles {
+  static constexpr int kBits = Bits;
+  static constexpr bool kTail = false;  // K is a whole number of groups
+  static constexpr int64_t kGroupBytes = kGroup * Bits / 8;
+  const uint8_t* q;
+  const float* scale;
+  const float* minimum;
+  int64_t K;
+  int64_t groups() const { return K / kGroup; }
+  int64_t at(int64_t t, int64_t g, int64_t j) const { return (t * groups() + g) * kNR + j; }  // group (t, g, j)
+  const uint8_t* row(int64_t t, int64_t g, int64_t j) const { return q + at(t, g, j) * kGroupBytes; }
+  static int value(const uint8_t* b, int i) {
+    if constexpr (Bits == 8) return b[i];
+    else return i < kGroup / 2 ? b[i] & 0x0F : b[i - kGroup / 2] >> 4;
+  }
+#ifdef HELIOS_SIMD
+  // Weights k..k+kLanes of row j of tile t, dequantized in registers (k is a multiple of kLanes).
+  simd::Vec load(int64_t t, int64_t j, int64_t k) const {
+    const int64_t g = k / kGroup, within = k % kGroup;
+    __m128i bytes;
+    if constexpr (Bits == 8) {
+      bytes = simd::load_bytes(row(t, g, j) + within);
+    } else {  // values 0..15 of a group are the low nibbles of its 16 bytes, 16..31 the high ones
+      bytes = simd::load_bytes(row(t, g, j) + within % (kGroup / 2));
+      if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
+      bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    }
+    return simd::fma(simd::from_bytes(bytes), simd::broadcast(scale[at(t, g, j)]),
+                     simd::broadcast(minimum[at(t, g, j)]));
+  }
+#endif
+  // Row j of tile t, dequantized, into dst[0:K].
+  void dequant(int64_t t, int64_t j, float* dst) const {
+#ifdef HELIOS_SIMD
+    for (int64_t k = 0; k < K; k += simd::kLanes) simd::store(dst + k, load(t, j, k));
+#else
+    for (int64_t g = 0; g < groups(); ++g) {
+      const uint8_t* b = row(t, g, j);
+      const float s = scale[at(t, g, j)], m = minimum[at(t, g, j)];
+      for (int i = 0; i < kGroup; ++i) dst[g * kGroup + i] = static_cast<float>(value(b, i)) * s + m;
+    }
+#endif
+  }
+  // Tile t as kNR x K floats, dequantized into buffer (gemm::tile_range without SIMD).
+  const float* tile(int64_t t, float* buffer) const {
+    for (int64_t j = 0; j < kNR; ++j) dequant(t, j, buffer + j * K);
+    return buffer;
+  }
+};
+
+// The tiles of a quantized weight (qweight, scale, minimum as helios.ops.quant lays them out), checked.
+template <int Bits>
+GroupTiles<Bits> checked_tiles(const char* op, const at::Tensor& qweight, const at::Tensor& scale,
+                               const at::Tensor& minimum) {
+  constexpr int64_t bytes = GroupTiles<Bits>::kGroupBytes;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 4 && qweight.size(2) == kNR &&
+                  qweight.size(3) == bytes && qweight.is_contiguous(),
+              op, ": qweight must be contiguous uint8 [tiles, in_features / ", kGroup, ", ", kNR, ", ", bytes, "]");
+  const int64_t tiles = qweight.size(0), groups = qweight.size(1);
+  for (const auto* t : {&scale, &minimum})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups &&
+                    t->size(2) == kNR && t->is_contiguous(),
+                op, ": scale and minimum must be contiguous float32 [", tiles, ", ", groups, ", ", kNR, "]");
+  return GroupTiles<Bits>{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(),
+                          groups * kGroup};
+}
+
+}  // namespace helios::quant

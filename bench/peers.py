@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="engine labels to leave out, e.g. transformers")
     parser.add_argument("--omp-active", action="store_true",
                         help="also run each helios engine with OMP_WAIT_POLICY=ACTIVE (labels ending in -active)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also run each helios engine without the fused decode stack (HELIOS_DECODE_STACK=0; "
+                             "labels ending in -per-layer)")
     parser.add_argument("--gguf-dir", default=str(Path(tempfile.gettempdir()) / "helios-peers-gguf"))
     args = parser.parse_args()
 
@@ -141,9 +144,13 @@ def main() -> None:
         ("helios-int4", sys.executable, {"engine": "helios", "model": "smollm2-135m", "quantization": "int4"}),
         ("transformers-fp32", sys.executable, {"engine": "transformers", "model": hf_dir}),
     ]
+    helios_engines = [e for e in engines if e[0].startswith("helios")]
+    if args.per_layer:  # the per-layer decode path the stack replaced, in the same run
+        engines += [(f"{label}-per-layer", python, {**job, "env": {"HELIOS_DECODE_STACK": "0"}})
+                    for label, python, job in helios_engines]
     if args.omp_active:  # helios as README "CPU threads" advises for a machine dedicated to it: spinning threads
         engines += [(f"{label}-active", python, {**job, "env": {"OMP_WAIT_POLICY": "ACTIVE"}})
-                    for label, python, job in engines if label.startswith("helios")]
+                    for label, python, job in helios_engines]
     if args.vllm_python:
         engines.append(("vllm-fp32", args.vllm_python, {"engine": "vllm", "model": hf_dir}))
     if args.llamacpp_python:

@@ -4,7 +4,9 @@ For each weight format and batch size: prompts are prefilled, then --steps decod
 engine.step) and profiled (torch.profiler, CPU ops). Reports ms per step, the floor (bytes of the weights read per
 step, i.e. all but the embedding table, over the measured copy bandwidth: a read + write of a 512 MiB buffer), and
 the ops by self time; the time no op accounts for is Python (scheduling, sampling, bookkeeping) and the profiler's
-own cost.
+own cost. Decode steps that run in the fused decode stack (one helios._C call for all layers) are also timed inside
+it, per phase of a layer (thread 0's work and its wait at the barrier after each phase, summed over the layers).
+HELIOS_DECODE_STACK=0 profiles the per-layer path instead.
 helios' default OpenMP wait policy (PASSIVE) applies unless OMP_WAIT_POLICY is set; the JSON records which.
 Usage: python bench/step_profile.py [--quantization none int8 int4] [--batch-sizes 1 32] [--steps 24]
 """
@@ -56,6 +58,21 @@ def _seqs(engine):
     return [request.seqs[0] for request in engine.requests.values()]
 
 
+STACK_PHASES = ["input_norm", "qkv", "attention", "o_proj", "post_norm", "gate_up", "down"]
+
+
+def stack_phases(engine, steps: int) -> dict | None:
+    """ms per step of each phase inside the decode stack (csrc/cpu/decode_stack.cpp), None if it is not used."""
+    if not engine.model.__dict__.get("use_stack"):
+        return None
+    torch.ops.helios.decode_stack_timing(True)
+    for _ in range(steps):
+        engine.step()
+    seconds = torch.ops.helios.decode_stack_timing(False)
+    return {name: {"work_ms": 1e3 * seconds[i, 0].item() / steps, "wait_ms": 1e3 * seconds[i, 1].item() / steps}
+            for i, name in enumerate(STACK_PHASES)}
+
+
 def profile_steps(llm, prompts: list[list[int]], steps: int) -> dict:
     start = time.perf_counter()
     engine = prefilled_engine(llm, prompts)
@@ -70,6 +87,7 @@ def profile_steps(llm, prompts: list[list[int]], steps: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
+    phases = stack_phases(engine, steps)
     for request_id in list(engine.requests):
         engine.abort(request_id)
     ops = [(e.key, e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in prof.key_averages()]
@@ -77,7 +95,7 @@ def profile_steps(llm, prompts: list[list[int]], steps: int) -> dict:
     return {"prefill_s": prefill_s, "prompt_tokens": sum(map(len, prompts)),
             "ms_per_step": 1e3 * statistics.median(times), "ms_per_step_min": 1e3 * min(times),
             "ops": [{"op": name, "ms_per_step": ms, "calls_per_step": calls} for name, ms, calls in ops[:12]],
-            "op_ms_per_step": sum(ms for _, ms, _ in ops)}
+            "op_ms_per_step": sum(ms for _, ms, _ in ops), "stack_phases": phases}
 
 
 def main() -> None:
@@ -115,6 +133,10 @@ def main() -> None:
                   f"prefill of {row['prompt_tokens']} tokens {row['prefill_s']:.2f} s")
             for op in row["ops"]:
                 print(f"  {op['op']:40s} {op['ms_per_step']:7.2f} ms  {op['calls_per_step']:6.1f} calls")
+            if row["stack_phases"]:
+                print("  inside the decode stack (thread 0, ms per step: work / wait at the barrier after it):")
+                for name, t in row["stack_phases"].items():
+                    print(f"    {name:12s} {t['work_ms']:7.2f} / {t['wait_ms']:6.2f}")
         del llm
     path = save("step_profile", {"machine": machine(), "copy_bandwidth_bytes_s": bandwidth, "steps": args.steps,
                                  "omp_wait_policy": policy,

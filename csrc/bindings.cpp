@@ -27,6 +27,7 @@ TORCH_LIBRARY(helios, m) {
       "decode_layers(Tensor hidden, Tensor positions, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] key_caches, "
       "Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cos, Tensor sin, "
       "int num_heads, int num_kv_heads, float eps, float scale, int[] sliding_windows, int weight_bits=32) -> Tensor");
+  m.def("decode_stack_timing(bool enable) -> Tensor", &helios::decode_stack_timing_cpu);  // no tensor in: catch-all
   m.def(
       "int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");

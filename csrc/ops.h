@@ -65,6 +65,11 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
                              const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, double eps,
                              double scale, at::IntArrayRef sliding_windows, int64_t weight_bits);
 
+// Timing of the stack's phases (input norm, qkv, attention, o_proj, post norm, gate_up, down): seconds thread 0
+// spent [working, waiting at the barrier after it] since the last call, as float64 [7, 2]; resets the sums and
+// turns timing on or off.
+at::Tensor decode_stack_timing_cpu(bool enable);
+
 // Shared argument checks (same messages on every device).
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping);

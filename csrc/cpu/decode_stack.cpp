@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -62,6 +64,24 @@ class SpinBarrier {
   std::atomic<int> arrived_{0};
   std::atomic<unsigned> generation_{0};
 };
+
+// Phases of a layer, for the optional timing (decode_stack_timing).
+enum Phase { kInputNorm, kQkv, kAttention, kOProj, kPostNorm, kGateUp, kDown, kPhases };
+
+// Seconds thread 0 spent per phase [working, waiting at the barrier after it], summed over calls while enabled.
+struct StackTiming {
+  std::mutex mutex;
+  bool enabled = false;
+  double seconds[kPhases][2] = {};
+};
+StackTiming& stack_timing() {
+  static StackTiming timing;
+  return timing;
+}
+
+inline double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 // This thread's share [begin, end) of n items.
 inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int threads) {
@@ -146,6 +166,8 @@ at::Tensor run_stack(const at::Tensor& hidden, const std::vector<LayerWeights<Ti
   const bool per_head = T < 2 * threads;
   const int64_t units = per_head ? T * num_kv_heads : T;
   SpinBarrier barrier;
+  const bool timed = stack_timing().enabled;
+  double seconds[kPhases][2] = {};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -167,14 +189,25 @@ at::Tensor run_stack(const at::Tensor& hidden, const std::vector<LayerWeights<Ti
       gemm::tile_range(x, T, b, e, L.w, gemm::Epilogue{L.bias, residual, y, L.N}, tile_buffer.data());
     };
     auto my_tiles = [&](const StackLinear<Tiles>& L) { return share(L.tiles(), tid, nt); };
+    double last = timed ? now_seconds() : 0.0;
+    // the end of a phase: every thread waits for the others (thread 0 times both when timing is on)
+    auto sync = [&](Phase phase) {
+      if (!timed || tid != 0) return barrier.wait(nt);
+      const double done = now_seconds();
+      barrier.wait(nt);
+      const double released = now_seconds();
+      seconds[phase][0] += done - last;
+      seconds[phase][1] += released - done;
+      last = released;
+    };
     for (const LayerWeights<Tiles>& L : stack) {
       for (int64_t r = row_begin; r < row_end; ++r) rms_norm_row(h + r * d, L.input_norm, normed + r * d, d, a.eps);
-      barrier.wait(nt);
+      sync(kInputNorm);
       {
         const auto [b, e] = my_tiles(L.qkv);
         linear(normed, L.qkv, nullptr, qkv, b, e);
       }
-      barrier.wait(nt);
+      sync(kQkv);
       for (int64_t u = unit_begin; u < unit_end; ++u) {
         const int64_t t = per_head ? u / num_kv_heads : u;
         const int64_t g0 = per_head ? u % num_kv_heads : 0, g1 = per_head ? g0 + 1 : num_kv_heads;
@@ -193,14 +226,14 @@ at::Tensor run_stack(const at::Tensor& hidden, const std::vector<LayerWeights<Ti
         attend_token(L.kv, q, a.tables + t * a.max_blocks, a.pos[t], L.window, a.scale, g0 * group, g1 * group,
                      attn + t * q_out, scratch);
       }
-      barrier.wait(nt);
+      sync(kAttention);
       {
         const auto [b, e] = my_tiles(L.o_proj);
         linear(attn, L.o_proj, h, h, b, e);  // h += attn·Wᵀ, in place
       }
-      barrier.wait(nt);
+      sync(kOProj);
       for (int64_t r = row_begin; r < row_end; ++r) rms_norm_row(h + r * d, L.post_norm, normed + r * d, d, a.eps);
-      barrier.wait(nt);
+      sync(kPostNorm);
       {
         // gate tiles [b, e) and the matching up tiles, then silu(gate) * up on exactly those columns
         const int64_t up = inter / gemm::kNR;
@@ -212,13 +245,19 @@ at::Tensor run_stack(const at::Tensor& hidden, const std::vector<LayerWeights<Ti
           silu_and_mul_row(gate_up + r * 2 * inter + c0, gate_up + r * 2 * inter + inter + c0, act + r * inter + c0,
                            width);
       }
-      barrier.wait(nt);
+      sync(kGateUp);
       {
         const auto [b, e] = my_tiles(L.down);
         linear(act, L.down, h, h, b, e);  // h += act·Wᵀ, in place
       }
-      barrier.wait(nt);
+      sync(kDown);
     }
+  }
+  if (timed) {
+    StackTiming& timing = stack_timing();
+    std::lock_guard<std::mutex> lock(timing.mutex);
+    for (int p = 0; p < kPhases; ++p)
+      for (int k = 0; k < 2; ++k) timing.seconds[p][k] += seconds[p][k];
   }
   return out;
 }
@@ -322,6 +361,20 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
     case 4: return decode_stack<quant::GroupTiles<4>>(hidden, weights, biases, key_caches, value_caches, sliding_windows, args);
     default: TORCH_CHECK(false, "decode_layers: weight_bits must be 32 (float32), 8 or 4, got ", weight_bits);
   }
+}
+
+at::Tensor decode_stack_timing_cpu(bool enable) {
+  StackTiming& timing = stack_timing();
+  std::lock_guard<std::mutex> lock(timing.mutex);
+  auto out = at::empty({kPhases, 2}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int p = 0; p < kPhases; ++p)
+    for (int k = 0; k < 2; ++k) {
+      o[p * 2 + k] = timing.seconds[p][k];
+      timing.seconds[p][k] = 0.0;
+    }
+  timing.enabled = enable;
+  return out;
 }
 
 }  // namespace helios

@@ -78,6 +78,8 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size
     ([50, 3, 81], [1, 1, 1], 9, 3, 64, 16),  # SmolLM2 head layout, decode
     ([19, 40], [7, 3], 4, 4, 80, 7),  # chunk continuation, odd block size, MHA
     ([33], [33], 10, 5, 17, 5),  # head_dim not a multiple of anything
+    ([70, 2], [1, 1], 4, 1, 256, 16),  # Gemma 3's head layout, decode
+    ([21, 9], [1, 9], 6, 3, 32, 4),  # two 16-lane vectors per head row, blocks smaller than a vector
 ]
 
 

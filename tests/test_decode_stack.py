@@ -74,10 +74,11 @@ def test_stack_generates_what_the_per_layer_path_generates(stack_checkpoints, mo
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 20])
 def test_quantized_stack_generates_what_the_quantized_per_layer_path_generates(stack_checkpoints, monkeypatch,
                                                                                quantization, batch):
-    path, prompts = stack_checkpoints["quant_llama"], PROMPTS[:batch]
+    path = stack_checkpoints["quant_llama"]
+    prompts = [PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)) for i in range(batch)]
     want_ids, want_lp, _ = _generate(path, prompts, monkeypatch, stack=False, quantization=quantization)
     got_ids, got_lp, calls = _generate(path, prompts, monkeypatch, stack=True, quantization=quantization)
     assert calls and got_ids == want_ids

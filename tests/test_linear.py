@@ -46,6 +46,20 @@ def test_helios_linear_kernel_on_odd_shapes(m, n, k):
     torch.testing.assert_close(got.double(), want + bias.double() + residual.double(), atol=1e-5, rtol=1e-5)
 
 
+# from 16 rows the kernel runs the batch along the vector lanes (gemm::wide_range): whole and partial vectors of rows,
+# one to three vectors per block, output-row blocks of 12 with their tails, K of any length
+@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 47, 48])
+@pytest.mark.parametrize("n,k", [(1, 1), (12, 16), (13, 100), (37, 33), (130, 576)])
+def test_helios_linear_kernel_on_wide_batches(m, n, k):
+    g = torch.Generator().manual_seed(1000 * m + n)
+    weight, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    bias, residual = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    want = x.double() @ weight.double().t()
+    torch.testing.assert_close(torch.ops.helios.linear(x, weight).double(), want, atol=1e-4, rtol=1e-5)
+    got = torch.ops.helios.linear(x, weight, bias, residual)
+    torch.testing.assert_close(got.double(), want + bias.double() + residual.double(), atol=1e-4, rtol=1e-5)
+
+
 def test_helios_linear_names_bad_input():
     w = torch.randn(6, 8)
     with pytest.raises(RuntimeError, match="x has 7 features, the weight expects 8"):

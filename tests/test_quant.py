@@ -21,8 +21,9 @@ from helios.ops.quant import (
 )
 
 load_extension()
-# blocks of up to 3 (AVX2) or 6 (AVX-512) rows and every remainder up to 48 rows, slabs beyond
-ROWS = [1, 2, 3, 4, 5, 7, 11, 48, 49, 130]
+# blocks of up to 3 (AVX2) or 6 (AVX-512) rows and every remainder up to 48 rows, the batch along the vector lanes
+# from 8 (AVX2) or 16 (AVX-512) rows (whole and partial vectors), slabs beyond
+ROWS = [1, 2, 3, 4, 5, 7, 11, 16, 17, 33, 48, 49, 130]
 
 
 def randn(*shape, seed=0) -> torch.Tensor:

@@ -100,12 +100,116 @@ void micro_kernel(const float* x, int64_t m0, const float* tile, int64_t K, int6
 }
 #endif
 
+#ifdef HELIOS_SIMD
+// Wide batches (M >= kWideRows): the register-blocked dot products above reload every tile once per kMR input rows
+// and end each output in a horizontal sum, which costs a quarter of the arithmetic at M = 32. Here the batch is the
+// vector dimension instead: x is transposed once per call (xt [K, Mp], rows padded to whole vectors with zeros) and
+// each weight is broadcast against a vector of input rows, so a block of NR output rows x MV vectors of input rows
+// accumulates in registers over all of K with no reduction, reading each weight once per call (quantized weights are
+// dequantized once per call, not once per kMR rows).
+constexpr int64_t kWideRows = simd::kLanes == 16 ? 16 : 8;  // from this many rows the wide kernel runs
+constexpr int kWideVectors = static_cast<int>(kSmallM / simd::kLanes);  // MV: input-row vectors per block
+// Output rows per block for MV vectors: accumulators NR x MV fill the registers (24 of AVX-512's 32, 12 of AVX2's 16)
+// but NR stays at most 12, so the broadcast addresses (NR row offsets) fit the general-purpose registers.
+template <int MV>
+constexpr int kWideOut = std::min(12, (simd::kLanes == 16 ? 24 : 12) / MV);
+
+// Out rows n0..n0+NR-1 (rows past `valid` are padding, never written) = xt[:, m0 : m0 + MV*kLanes]ᵀ against the
+// weight rows w[r * K : (r + 1) * K].
+constexpr int64_t kPrefetch = 64;
+template <int MV>
+void wide_block(const float* xt, int64_t Mp, int64_t m0, int64_t rows, const float* w, int64_t K, int64_t n0,
+                int64_t valid, const Epilogue& epi) {
+  constexpr int NR = kWideOut<MV>;
+  simd::Vec acc[NR][MV];
+#pragma GCC unroll 12
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 6
+    for (int v = 0; v < MV; ++v) acc[r][v] = simd::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % 16 == 0) {
+#pragma GCC unroll 12
+      for (int r = 0; r < NR; ++r) __builtin_prefetch(w + r * K + k + kPrefetch, 0, 3);
+    }
+    const float* xk = xt + k * Mp + m0;
+    simd::Vec xv[MV];
+#pragma GCC unroll 6
+    for (int v = 0; v < MV; ++v) xv[v] = simd::load(xk + v * simd::kLanes);
+    const float* wk = w + k;
+#pragma GCC unroll 12
+    for (int r = 0; r < NR; ++r) {
+      const simd::Vec b = simd::broadcast(wk[r * K]);
+#pragma GCC unroll 6
+      for (int v = 0; v < MV; ++v) acc[r][v] = simd::fma(b, xv[v], acc[r][v]);
+    }
+  }
+  alignas(64) float out[NR][MV * simd::kLanes];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) simd::store(&out[r][v * simd::kLanes], acc[r][v]);
+  for (int64_t r = 0; r < valid; ++r)
+    for (int64_t m = 0; m < rows; ++m) epi.put(m0 + m, n0 + r, out[r][m]);
+}
+
+// Calls f(std::integral_constant<int, MV>{}) for MV in 1..kWideVectors.
+template <typename F>
+void with_vectors(int64_t vectors, F&& f) {
+  switch (vectors) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (kWideVectors >= 4) f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (kWideVectors >= 5) f(std::integral_constant<int, 5>{}); break;
+    case 6: if constexpr (kWideVectors >= 6) f(std::integral_constant<int, 6>{}); break;
+    default: TORCH_CHECK(false, "with_vectors: ", vectors, " vectors per block");
+  }
+}
+
+// Per-thread buffers of the wide kernel (grown, never shrunk: no allocation per call once warm).
+struct WideScratch {
+  std::vector<float> xt, rows;
+};
+inline WideScratch& wide_scratch() {
+  thread_local WideScratch scratch;
+  return scratch;
+}
+
+// Output rows of tiles [t_begin, t_end) for all M rows of x, on the calling thread.
+template <typename Tiles>
+void wide_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const Epilogue& epi) {
+  const int64_t K = w.K, Mp = (M + simd::kLanes - 1) / simd::kLanes * simd::kLanes;
+  WideScratch& s = wide_scratch();
+  if (static_cast<int64_t>(s.xt.size()) < K * Mp) s.xt.resize(K * Mp);
+  float* xt = s.xt.data();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t m = 0; m < M; ++m) xt[k * Mp + m] = x[m * K + k];
+    for (int64_t m = M; m < Mp; ++m) xt[k * Mp + m] = 0.f;
+  }
+  const int64_t n_begin = t_begin * kNR, n_end = std::min(t_end * kNR, epi.N);
+  const int64_t block = kWideVectors * simd::kLanes;
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t rows = std::min(block, M - m0);
+    with_vectors((rows + simd::kLanes - 1) / simd::kLanes, [&](auto mv) {
+      constexpr int NR = kWideOut<mv.value>;
+      if (static_cast<int64_t>(s.rows.size()) < NR * K) s.rows.resize(NR * K);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+        const int64_t valid = std::min<int64_t>(NR, n_end - n0);
+        const float* rows_w = w.rows(n0, valid, NR, s.rows.data());
+        wide_block<mv.value>(xt, Mp, m0, rows, rows_w, K, n0, valid, epi);
+      }
+    });
+  }
+}
+#endif
+
 // Tiles [t_begin, t_end) against all M (<= kSmallM) rows of x, on the calling thread. Without SIMD intrinsics each
 // tile is first materialized as kNR x K floats (Tiles::tile: a pointer into the weight, or dequantized into
 // `buffer`, which must hold kNR * K floats).
 template <typename Tiles>
 void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const Epilogue& epi,
                 float* buffer) {
+#ifdef HELIOS_SIMD
+  if (M >= kWideRows) return wide_range(x, M, t_begin, t_end, w, epi);
+#endif
   for (int64_t t = t_begin; t < t_end; ++t) {
 #ifdef HELIOS_SIMD
     (void)buffer;
@@ -144,6 +248,14 @@ struct FloatRows {
   simd::Vec load_tail(int64_t t, int64_t j, int64_t k, int64_t n) const { return simd::load_first(row(t, j) + k, n); }
 #endif
   const float* tile(int64_t t, float*) const { return w + t * kNR * K; }
+  // `total` rows of K floats from output row n0 on, of which the first `valid` are rows n0.. (the rest padding):
+  // in place when they lie inside the weight, else copied into buffer (total * K floats) with zeros after.
+  const float* rows(int64_t n0, int64_t valid, int64_t total, float* buffer) const {
+    if (n0 + total <= N) return w + n0 * K;
+    std::copy(w + n0 * K, w + (n0 + valid) * K, buffer);
+    std::fill(buffer + valid * K, buffer + total * K, 0.f);
+    return buffer;
+  }
 };
 
 }  // namespace helios::gemm

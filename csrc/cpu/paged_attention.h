@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -59,6 +60,91 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
+// Asks for n elements from p on to be brought into the cache (one prefetch per 64-byte line).
+template <typename scalar_t>
+inline void prefetch_slots(const scalar_t* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(scalar_t)); i += 64) __builtin_prefetch(bytes + i, 0, 3);
+}
+
+// The start of a token's pass over one cache block: its slots [lo, hi) and their offset `base` in the pool.
+// Blocks lie anywhere in the pool, so the hardware prefetcher loses the stream at every block edge: this asks for
+// the block's V (read after the softmax) and the next block's K now, while this block's scores are computed.
+template <typename scalar_t>
+inline void prefetch_block(const PagedKV<scalar_t>& kv, const int32_t* table, int64_t block_start, int64_t lo,
+                           int64_t hi, int64_t pos, int64_t base) {
+  const int64_t slot_stride = kv.slot_stride(), block_size = kv.block_size;
+  prefetch_slots(kv.v + (base + lo - block_start) * slot_stride, (hi - lo) * slot_stride);
+  if (block_start + block_size <= pos) {
+    const int64_t next = static_cast<int64_t>(table[block_start / block_size + 1]) * block_size;
+    prefetch_slots(kv.k + next * slot_stride, std::min(block_size, pos + 1 - block_start - block_size) * slot_stride);
+  }
+}
+
+#ifdef HELIOS_SIMD
+// attend_token for float32 caches whose head_dim is DV whole vectors. Slots go in chunks of one vector's width:
+// per query head, a chunk's kLanes dot products are folded into one vector of scores (simd::transpose_sum), the
+// online softmax runs on that vector, and V is accumulated in registers; the chunk's K and V rows stay in L1 for
+// all the heads that read them.
+template <int DV>
+void attend_token_vectors(const PagedKV<float>& kv, const float* q_src, const int32_t* table, int64_t pos,
+                          int64_t window, float scale, int64_t h0, int64_t h1, float* o, AttentionScratch& s) {
+  constexpr int64_t W = simd::kLanes;
+  const int64_t dim = DV * W, block_size = kv.block_size, group = kv.group, slot_stride = kv.slot_stride();
+  const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = h0 * dim; i < h1 * dim; ++i) s.q[i] = q_src[i] * scale;
+  std::fill(s.acc.begin() + h0 * dim, s.acc.begin() + h1 * dim, 0.f);
+  std::fill(s.run_max.begin() + h0, s.run_max.begin() + h1, kNegInf);
+  std::fill(s.run_sum.begin() + h0, s.run_sum.begin() + h1, 0.f);
+  const float* k_rows[W];
+  const float* v_rows[W];
+  simd::Vec part[W];
+  alignas(64) float probs[W];
+  for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
+    const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
+    const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
+    prefetch_block(kv, table, block_start, lo, hi, pos, base);
+    for (int64_t c0 = lo; c0 < hi; c0 += W) {
+      const int64_t n = std::min(W, hi - c0);
+      for (int64_t i = 0; i < n; ++i) {
+        k_rows[i] = kv.k + (base + c0 + i - block_start) * slot_stride;
+        v_rows[i] = kv.v + (base + c0 + i - block_start) * slot_stride;
+      }
+      for (int64_t i = n; i < W; ++i) part[i] = simd::zero();
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t off = (h / group) * dim;
+        simd::Vec q[DV], acc[DV];
+        for (int j = 0; j < DV; ++j) q[j] = simd::load(s.q.data() + h * dim + j * W);
+        for (int64_t i = 0; i < n; ++i) {
+          simd::Vec d = simd::mul(q[0], simd::load(k_rows[i] + off));
+          for (int j = 1; j < DV; ++j) d = simd::fma(q[j], simd::load(k_rows[i] + off + j * W), d);
+          part[i] = d;
+        }
+        const simd::Vec scores = simd::first_or(simd::transpose_sum(part), n, kNegInf);
+        const float block_max = std::max(s.run_max[h], simd::max_of(scores));
+        const simd::Vec p = simd::first_or(simd::exp(simd::add(scores, simd::broadcast(-block_max))), n, 0.f);
+        const float correction = std::exp(s.run_max[h] - block_max);  // 0 before the first chunk (acc is 0 too)
+        s.run_sum[h] = s.run_sum[h] * correction + simd::sum(p);
+        s.run_max[h] = block_max;
+        simd::store(probs, p);
+        for (int j = 0; j < DV; ++j)
+          acc[j] = simd::mul(simd::load(s.acc.data() + h * dim + j * W), simd::broadcast(correction));
+        for (int64_t i = 0; i < n; ++i) {
+          const simd::Vec w = simd::broadcast(probs[i]);
+          for (int j = 0; j < DV; ++j) acc[j] = simd::fma(w, simd::load(v_rows[i] + off + j * W), acc[j]);
+        }
+        for (int j = 0; j < DV; ++j) simd::store(s.acc.data() + h * dim + j * W, acc[j]);
+      }
+    }
+  }
+  for (int64_t h = h0; h < h1; ++h) {
+    const float inv = 1.f / s.run_sum[h];
+    for (int64_t d = 0; d < dim; ++d) o[h * dim + d] = s.acc[h * dim + d] * inv;
+  }
+}
+#endif
+
 // Query heads [h0, h1) of one token at absolute position pos (its row q_src: heads x dim) attend over positions
 // [pos - window + 1 (or 0), pos] of its sequence (block table `table`); results go to o (the token's output row,
 // heads x dim; only heads h0..h1-1 are written). No per-call allocation, one pass over K and V.
@@ -66,6 +152,18 @@ template <typename scalar_t>
 void attend_token(const PagedKV<scalar_t>& kv, const scalar_t* q_src, const int32_t* table, int64_t pos,
                   int64_t window, float scale, int64_t h0, int64_t h1, scalar_t* o, AttentionScratch& s) {
   const int64_t dim = kv.dim, block_size = kv.block_size, group = kv.group, slot_stride = kv.slot_stride();
+#ifdef HELIOS_SIMD
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (dim % simd::kLanes == 0 ? dim / simd::kLanes : 0) {
+      case 2: return attend_token_vectors<2>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 4: return attend_token_vectors<4>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 8: return attend_token_vectors<8>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 16: return attend_token_vectors<16>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 32: return attend_token_vectors<32>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      default: break;  // other head sizes: the scalar path below
+    }
+  }
+#endif
   const int64_t padded_block = s.padded_block;
   const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
   for (int64_t i = h0 * dim; i < h1 * dim; ++i) s.q[i] = static_cast<float>(q_src[i]) * scale;
@@ -75,6 +173,7 @@ void attend_token(const PagedKV<scalar_t>& kv, const scalar_t* q_src, const int3
   for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
     const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
     const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
+    prefetch_block(kv, table, block_start, lo, hi, pos, base);
     // scores of this block for every head (head h reads KV head h / group)
     for (int64_t p = lo; p < hi; ++p) {
       const float* k = as_float(kv.k + (base + p - block_start) * slot_stride, s.row.data(), slot_stride);

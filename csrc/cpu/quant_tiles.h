@@ -64,6 +64,13 @@ struct GroupTiles {
     }
 #endif
   }
+  // `total` rows of K floats from output row n0 on, the first `valid` dequantized into buffer, zeros after
+  // (gemm::wide_range).
+  const float* rows(int64_t n0, int64_t valid, int64_t total, float* buffer) const {
+    for (int64_t r = 0; r < valid; ++r) dequant((n0 + r) / kNR, (n0 + r) % kNR, buffer + r * K);
+    std::fill(buffer + valid * K, buffer + total * K, 0.f);
+    return buffer;
+  }
   // Tile t as kNR x K floats, dequantized into buffer (gemm::tile_range without SIMD).
   const float* tile(int64_t t, float* buffer) const {
     for (int64_t j = 0; j < kNR; ++j) dequant(t, j, buffer + j * K);

@@ -28,6 +28,25 @@ inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec times_pow2(Vec v, Vec n) { return _mm512_scalef_ps(v, n); }  // v * 2^n, n integral
+inline float max_of(Vec v) { return _mm512_reduce_max_ps(v); }
+inline Vec first_or(Vec v, int64_t n, float fill) {  // lanes 0..n-1 of v, `fill` in the others
+  return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << n) - 1), broadcast(fill), v);
+}
+// Lane i = the sum of the lanes of v[i], for kLanes vectors (a transpose folded into an add tree: 45 shuffles and
+// adds instead of 16 horizontal sums).
+inline Vec transpose_sum(const Vec* v) {
+  Vec u[4];
+  for (int q = 0; q < 4; ++q) {
+    const Vec* w = v + 4 * q;
+    const Vec t0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+    const Vec t1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+    // per 128-bit chunk c: [w0, w1, w2, w3 summed over chunk c]
+    u[q] = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+  }
+  const Vec w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const Vec w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
 }  // namespace helios::simd
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -59,6 +78,27 @@ inline Vec round(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | 
 inline Vec times_pow2(Vec v, Vec n) {  // v * 2^n for integral n in [-126, 127]: n added to the exponent bits
   const __m256i bits = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(v), bits));
+}
+inline float max_of(Vec v) {
+  const __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+inline Vec first_or(Vec v, int64_t n, float fill) {  // lanes 0..n-1 of v, `fill` in the others
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+  return _mm256_blendv_ps(broadcast(fill), v, keep);
+}
+// Lane i = the sum of the lanes of v[i], for kLanes vectors (a transpose folded into an add tree).
+inline Vec transpose_sum(const Vec* v) {
+  Vec u[2];
+  for (int q = 0; q < 2; ++q) {
+    const Vec* w = v + 4 * q;
+    const Vec t0 = _mm256_add_ps(_mm256_unpacklo_ps(w[0], w[1]), _mm256_unpackhi_ps(w[0], w[1]));
+    const Vec t1 = _mm256_add_ps(_mm256_unpacklo_ps(w[2], w[3]), _mm256_unpackhi_ps(w[2], w[3]));
+    u[q] = _mm256_add_ps(_mm256_shuffle_ps(t0, t1, 0x44), _mm256_shuffle_ps(t0, t1, 0xEE));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
 }
 }  // namespace helios::simd
 #else

@@ -18,7 +18,7 @@ CSRC = "csrc"
 CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/block_allocator.cpp", f"{CSRC}/cpu/cache_ops.cpp",
                f"{CSRC}/cpu/softmax_ops.cpp", f"{CSRC}/cpu/layer_ops.cpp",
                f"{CSRC}/cpu/quant_ops.cpp", f"{CSRC}/cpu/linear_ops.cpp",
-               f"{CSRC}/cpu/decode_stack.cpp"]
+               f"{CSRC}/cpu/decode_stack.cpp", f"{CSRC}/cpu/head_ops.cpp"]
 CUDA_SOURCES = [f"{CSRC}/cuda/cache_kernels.cu", f"{CSRC}/cuda/cache_ops_cuda.cpp"]
 
 

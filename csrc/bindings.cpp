@@ -28,6 +28,10 @@ TORCH_LIBRARY(helios, m) {
       "Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cos, Tensor sin, "
       "int num_heads, int num_kv_heads, float eps, float scale, int[] sliding_windows, int weight_bits=32) -> Tensor");
   m.def("decode_stack_timing(bool enable) -> Tensor", &helios::decode_stack_timing_cpu);  // no tensor in: catch-all
+  m.def("head_stats(Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "int8_head_stats(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int vocab) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");
@@ -45,6 +49,8 @@ TORCH_LIBRARY_IMPL(helios, CPU, m) {
   m.impl("int4_linear", &helios::int4_linear_cpu);
   m.impl("linear", &helios::linear_cpu);
   m.impl("decode_layers", &helios::decode_layers_cpu);
+  m.impl("head_stats", &helios::head_stats_cpu);
+  m.impl("int8_head_stats", &helios::int8_head_stats_cpu);
 }
 
 namespace py = pybind11;

@@ -50,6 +50,17 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual);
 
+// Softmax statistics of the LM head's logits per row of x float32 [rows, K], never holding [rows, vocab] (see
+// cpu/head_ops.cpp): (argmax token int64, p1, p2, entropy) float32 [rows]. Float32 weight [vocab, K], or helios'
+// int8 tiles of a [vocab, K] head.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_stats_cpu(const at::Tensor& x,
+                                                                          const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_head_stats_cpu(const at::Tensor& x,
+                                                                               const at::Tensor& qweight,
+                                                                               const at::Tensor& scale,
+                                                                               const at::Tensor& minimum,
+                                                                               int64_t vocab);
+
 // Float32 linear over a plain [N, K] weight (see cpu/linear_ops.cpp): x [..., K] -> [..., N], optional bias [N]
 // and residual [..., N].
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

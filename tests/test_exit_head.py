@@ -216,3 +216,61 @@ def test_gemma_norm_matches_float64_reference(device, backend):
         got = exit_head(hidden, lm_head, weight, norm=Norm("rms_fp32", weight, None, 1e-6).fused_kind, eps=1e-6,
                         backend="triton")
     check(got, want)
+
+
+# helios._C's fused CPU head (PackedHead.stats, the engine's CPU path): rows below and above the 16-row switch to the
+# batch-along-lanes kernel and past the 48-row block; vocabularies that are no multiple of the 4-row tiles or of
+# the 240-row chunks the threads share
+STATS_SHAPES = [(1, 40, 300), (5, 72, 1000), (17, 96, 777), (33, 40, 513), (49, 64, 241)]
+
+
+@pytest.mark.parametrize("shape", STATS_SHAPES, ids=lambda s: f"B{s[0]}-d{s[1]}-V{s[2]}")
+def test_fused_cpu_head_matches_float64_reference(shape):
+    from helios._ext import load_extension
+    from helios.ops.exit_head import PackedHead
+
+    load_extension()
+    hidden, lm_head, _, _ = inputs(*shape, "none")
+    head = PackedHead(lm_head)
+    assert head.weight is not None and head.nbytes == 0  # the plain weight, no prepared copy
+    check(head.stats(hidden), reference(hidden, lm_head, None, None, "none", 0.0))
+
+
+def test_fused_cpu_head_ties_keep_the_lowest_index_across_chunks():
+    """The same top logit in two chunks (rows 7 and 250) and twice inside one (rows 500, 501): the lowest token
+    wins, p2 == p1, as argmax and the reference do."""
+    from helios._ext import load_extension
+    from helios.ops.exit_head import PackedHead
+
+    load_extension()
+    lm_head = torch.zeros(600, 4)
+    lm_head[[7, 250], 0] = 1.0
+    lm_head[[500, 501], 1] = 1.0
+    hidden = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])
+    token, p1, p2, _ = PackedHead(lm_head).stats(hidden)
+    assert token.tolist() == [7, 500]
+    torch.testing.assert_close(p1, p2)
+    want = reference(hidden, lm_head, None, None, "none", 0.0)
+    torch.testing.assert_close(p1.double(), want[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+def test_fused_int8_head_matches_the_reference_on_its_dequantized_weight(rows):
+    from helios._ext import load_extension
+    from helios.ops.exit_head import PackedHead
+
+    load_extension()
+    hidden, lm_head, _, _ = inputs(rows, 72, 1001, "none", seed=3)  # 72 features: the int8 tiles pad K to 96
+    head = PackedHead(lm_head, quantization="int8")
+    dequantized = head.quantized.dequantized()
+    check(head.stats(hidden), reference(hidden, dequantized, None, None, "none", 0.0))
+
+
+def test_fused_cpu_head_names_bad_input():
+    from helios._ext import load_extension
+
+    load_extension()
+    with pytest.raises(RuntimeError, match="x has 5 features, the weight expects 4"):
+        torch.ops.helios.head_stats(torch.randn(2, 5), torch.randn(10, 4))
+    with pytest.raises(RuntimeError, match="weight must be contiguous float32"):
+        torch.ops.helios.head_stats(torch.randn(2, 4), torch.randn(4, 10).t())

@@ -248,6 +248,8 @@ struct FloatRows {
   simd::Vec load_tail(int64_t t, int64_t j, int64_t k, int64_t n) const { return simd::load_first(row(t, j) + k, n); }
 #endif
   const float* tile(int64_t t, float*) const { return w + t * kNR * K; }
+  // The n output rows from tile t0 on, as a weight of their own.
+  FloatRows slice(int64_t t0, int64_t n) const { return {w + t0 * kNR * K, n, K}; }
   // `total` rows of K floats from output row n0 on, of which the first `valid` are rows n0.. (the rest padding):
   // in place when they lie inside the weight, else copied into buffer (total * K floats) with zeros after.
   const float* rows(int64_t n0, int64_t valid, int64_t total, float* buffer) const {

@@ -64,6 +64,11 @@ struct GroupTiles {
     }
 #endif
   }
+  // The tiles from t0 on, as a weight of their own (n, its output rows, is implied by the caller's tile count).
+  GroupTiles slice(int64_t t0, int64_t /*n*/) const {
+    const int64_t at0 = t0 * groups() * kNR;
+    return {q + at0 * kGroupBytes, scale + at0, minimum + at0, K};
+  }
   // `total` rows of K floats from output row n0 on, the first `valid` dequantized into buffer, zeros after
   // (gemm::wide_range).
   const float* rows(int64_t n0, int64_t valid, int64_t total, float* buffer) const {

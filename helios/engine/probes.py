@@ -52,14 +52,21 @@ class ProbeLog:
         return self.check_seconds / max(1, self.check_steps)
 
     def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor) -> None:
-        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head)."""
+        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head). The
+        first probe layer is checked alone and timed: that is what one exit check costs while serving (the cost
+        model's seconds_per_check). The others go through the LM head together (DecoderModel.exit_head_batch: on CPU
+        one read of the head for all of them, the same per-row results)."""
+        first, *rest = self.layers
+        synchronize(final_tokens.device)
+        start = time.perf_counter()
+        results = {first: model.exit_head(states[first], first)}
+        synchronize(final_tokens.device)
+        self.check_seconds += time.perf_counter() - start
+        self.check_steps += 1
+        if rest:
+            results.update(model.exit_head_batch({layer: states[layer] for layer in rest}))
         for layer in self.layers:
-            synchronize(final_tokens.device)
-            start = time.perf_counter()
-            token, p1, p2, entropy = model.exit_head(states[layer], layer)
-            synchronize(final_tokens.device)
-            self.check_seconds += time.perf_counter() - start
-            self.check_steps += 1
+            token, p1, p2, entropy = results[layer]
             measure = {"max_prob": p1, "margin": p1 - p2, "entropy": entropy}[self.confidence]
             self.values[layer].extend(measure.float().tolist())
             self.agree[layer].extend((token == final_tokens).tolist())

@@ -102,22 +102,37 @@ class DecoderModel:
         without writing [batch, vocab] logits."""
         from helios.ops.exit_head import greedy_head_native
 
-        return greedy_head_native(self.head_input(hidden), self.head, None)
+        x = self.head_input(hidden)
+        stats = self.head.stats(x)
+        return (stats[0], stats[1]) if stats is not None else greedy_head_native(x, self.head, None)
 
     def exit_head(self, hidden: torch.Tensor, layer: int | None = None):
         """(token, p1, p2, entropy) of each row at an exit: adapter, then norm + LM head fused, no [B, vocab]
         logits."""
         from helios.ops.exit_head import exit_head, exit_head_native
 
-        if self.project_out is not None:
-            return exit_head_native(self.exit_head_input(hidden, layer), self.head, None)
+        if self.project_out is not None or not hidden.is_cuda:
+            x = self.exit_head_input(hidden, layer)
+            stats = self.head.stats(x)
+            return stats if stats is not None else exit_head_native(x, self.head, None)
         hidden, norm = self._adapt(hidden, layer)
-        if hidden.is_cuda:
-            n = norm
-            kind = "none" if n is None else n.fused_kind
-            return exit_head(hidden, self.lm_head, None if n is None else n.weight, None if n is None else n.bias,
-                             norm=kind, eps=1e-5 if n is None else n.eps)
-        return exit_head_native(hidden, self.head, norm)
+        n = norm
+        kind = "none" if n is None else n.fused_kind
+        return exit_head(hidden, self.lm_head, None if n is None else n.weight, None if n is None else n.bias,
+                         norm=kind, eps=1e-5 if n is None else n.eps)
+
+    def exit_head_batch(self, states: dict[int, torch.Tensor]) -> dict[int, tuple]:
+        """exit_head for the rows of several exits at once ({1-based layer: hidden rows}). On CPU their rows go
+        through the fused head together, so the LM head is read once for all of them (profiling probes)."""
+        if not states or next(iter(states.values())).is_cuda:
+            return {layer: self.exit_head(hidden, layer) for layer, hidden in states.items()}
+        inputs = [self.exit_head_input(hidden, layer) for layer, hidden in states.items()]
+        stats = self.head.stats(torch.cat(inputs))
+        if stats is None:
+            return {layer: self.exit_head(hidden, layer) for layer, hidden in states.items()}
+        sizes = [len(x) for x in inputs]
+        split = [t.split(sizes) for t in stats]
+        return {layer: tuple(part[i] for part in split) for i, layer in enumerate(states)}
 
     def _load_layer(self, reader, index: int):
         """Reads the weights of layer `index` (0-based) through `reader`."""

@@ -7,7 +7,8 @@ Online over vocabulary chunks (Milakov & Gimelshein, arXiv 1805.02867): keep the
 running sums d = Σ e^(z−m) and s = Σ (z−m)·e^(z−m), plus the top-2 logits; then p1 = e^(z1−m)/d,
 p2 = e^(z2−m)/d and H = log d − s/d. (When m grows to m', s becomes e^(m−m')·(s + (m−m')·d).)
 
-backends: "native" (CPU production path and the torch reference: chunked, oneDNN-packed chunks on CPU),
+backends: "native" (the torch reference, and the path where helios._C's fused CPU head does not apply: chunked
+over the vocabulary; the engine's CPU path is PackedHead.stats, helios._C's head_stats),
 "triton" (the kernel in helios.kernels.exit_head; on CPU tensors it runs under TRITON_INTERPRET=1).
 backend=None picks triton on CUDA and native elsewhere.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from helios.ops.linear import Linear
+from helios.ops.linear import Linear, plain_linear_supported
 from helios.ops.norm import Norm
 from helios.ops.quant import QuantizedLinear
 
@@ -28,32 +29,47 @@ CHUNK = 32768
 
 
 class PackedHead:
-    """The LM head split into vocabulary chunks, each prepared for fast matmuls (oneDNN-packed on CPU, or int8
-    when the model is quantized: the head is the largest single matrix of a small model, and int8 keeps
-    greedy choices where int4 would move them)."""
+    """The LM head prepared for fast matmuls. On CPU in float32: the plain [vocab, d] weight, which helios._C reads
+    both for full logits (vocabulary chunks through its linear kernel, no copy) and for the fused statistics
+    (`stats`: token, p1, p2, entropy without [B, vocab] logits). Quantized models: int8 tiles (the head is the
+    largest single matrix of a small model, and int8 keeps greedy choices where int4 would move them). Elsewhere:
+    vocabulary chunks prepared by Linear (oneDNN-packed where it applies)."""
 
     def __init__(self, lm_head: torch.Tensor, chunk: int = CHUNK, quantization: str | None = None):
         self.vocab_size = lm_head.shape[0]
-
-        def prepare(rows: torch.Tensor):
-            return Linear(rows) if quantization is None else QuantizedLinear(rows, None, "int8")
-
-        self.chunks = [(start, prepare(lm_head[start:start + chunk])) for start in range(0, self.vocab_size, chunk)]
+        self.weight: torch.Tensor | None = None  # plain float32 [vocab, d], read by helios._C (CPU)
+        self.quantized: QuantizedLinear | None = None  # the whole head as int8
+        if quantization is not None:
+            self.quantized = QuantizedLinear(lm_head, None, "int8")
+            self.chunks = [(0, self.quantized)]
+            return
+        if plain_linear_supported(lm_head):
+            self.weight = lm_head.contiguous()
+            lm_head = self.weight
+        plain = self.weight is not None
+        self.chunks = [(start, Linear(lm_head[start:start + chunk], plain=plain))
+                       for start in range(0, self.vocab_size, chunk)]
 
     @property
     def nbytes(self) -> int:
         """Bytes of the head's own prepared copy (0 when the chunks are views of the plain tensor)."""
-        total = 0
-        for _, linear in self.chunks:
-            if isinstance(linear, QuantizedLinear):
-                total += linear.nbytes
-            elif linear.packed is not None:
-                total += linear.out_features * linear.in_features * linear.packed.element_size()
-        return total
+        if self.quantized is not None:
+            return self.quantized.nbytes
+        return sum(linear.out_features * linear.in_features * linear.packed.element_size()
+                   for _, linear in self.chunks if linear.packed is not None)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full logits [B, vocab] (plain decoding and sampling need them)."""
         return torch.cat([linear(x) for _, linear in self.chunks], dim=-1)
+
+    def stats(self, x: torch.Tensor):
+        """(token, p1, p2, entropy) per row of x [B, d] from helios._C's fused head (CPU: float32 or int8 weights),
+        or None where it does not apply (exit_head_native is then the way, and the reference either way)."""
+        if self.weight is not None and x.dtype == torch.float32:
+            return torch.ops.helios.head_stats(x.contiguous(), self.weight)
+        if self.quantized is not None and self.quantized.quantization == "int8":
+            return torch.ops.helios.int8_head_stats(x.float().contiguous(), *self.quantized.parts, self.vocab_size)
+        return None
 
 
 def _normalize(hidden: torch.Tensor, norm: Norm | None) -> torch.Tensor:

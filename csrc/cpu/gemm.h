@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -32,18 +33,15 @@ struct Epilogue {
   }
 };
 
-// Calls f(std::integral_constant<int, MR>{}) with MR = rows, for rows in 1..kMR (register-blocked kernels are
-// instantiated per block height).
-template <typename F>
-void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: if constexpr (kMR >= 4) f(std::integral_constant<int, 4>{}); break;
-    case 5: if constexpr (kMR >= 5) f(std::integral_constant<int, 5>{}); break;
-    case 6: if constexpr (kMR >= 6) f(std::integral_constant<int, 6>{}); break;
-    default: TORCH_CHECK(false, "with_rows: ", rows, " rows per block");
+// Calls f(std::integral_constant<int, I>{}) with I = n, for n in 1..Max (register-blocked kernels are instantiated
+// per block size).
+template <int Max, int I = 1, typename F>
+void with_count(int64_t n, F&& f) {
+  if constexpr (I <= Max) {
+    if (n == I) return f(std::integral_constant<int, I>{});
+    return with_count<Max, I + 1>(n, std::forward<F>(f));
+  } else {
+    TORCH_CHECK(false, "with_count: ", n, " is outside 1..", Max);
   }
 }
 
@@ -150,20 +148,6 @@ void wide_block(const float* xt, int64_t Mp, int64_t m0, int64_t rows, const flo
     for (int64_t m = 0; m < rows; ++m) epi.put(m0 + m, n0 + r, out[r][m]);
 }
 
-// Calls f(std::integral_constant<int, MV>{}) for MV in 1..kWideVectors.
-template <typename F>
-void with_vectors(int64_t vectors, F&& f) {
-  switch (vectors) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: if constexpr (kWideVectors >= 4) f(std::integral_constant<int, 4>{}); break;
-    case 5: if constexpr (kWideVectors >= 5) f(std::integral_constant<int, 5>{}); break;
-    case 6: if constexpr (kWideVectors >= 6) f(std::integral_constant<int, 6>{}); break;
-    default: TORCH_CHECK(false, "with_vectors: ", vectors, " vectors per block");
-  }
-}
-
 // Per-thread buffers of the wide kernel (grown, never shrunk: no allocation per call once warm).
 struct WideScratch {
   std::vector<float> xt, rows;
@@ -188,7 +172,7 @@ void wide_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const
   const int64_t block = kWideVectors * simd::kLanes;
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    with_vectors((rows + simd::kLanes - 1) / simd::kLanes, [&](auto mv) {
+    with_count<kWideVectors>((rows + simd::kLanes - 1) / simd::kLanes, [&](auto mv) {
       constexpr int NR = kWideOut<mv.value>;
       if (static_cast<int64_t>(s.rows.size()) < NR * K) s.rows.resize(NR * K);
       for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
@@ -214,11 +198,11 @@ void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const
 #ifdef HELIOS_SIMD
     (void)buffer;
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
-      with_rows(std::min(kMR, M - m0), [&](auto mr) { direct_rows<mr.value>(x, m0, t, w, epi); });
+      with_count<kMR>(std::min(kMR, M - m0), [&](auto mr) { direct_rows<mr.value>(x, m0, t, w, epi); });
 #else
     const float* tile = w.tile(t, buffer);
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
-      with_rows(std::min(kMR, M - m0), [&](auto mr) { micro_kernel<mr.value>(x, m0, tile, w.K, t * kNR, epi); });
+      with_count<kMR>(std::min(kMR, M - m0), [&](auto mr) { micro_kernel<mr.value>(x, m0, tile, w.K, t * kNR, epi); });
 #endif
   }
 }

@@ -112,9 +112,10 @@ constexpr int kWideVectors = static_cast<int>(kSmallM / simd::kLanes);  // MV: i
 template <int MV>
 constexpr int kWideOut = std::min(12, (simd::kLanes == 16 ? 24 : 12) / MV);
 
+constexpr int64_t kPrefetch = 64;  // floats ahead in each weight row that wide_block asks the cache for
+
 // Out rows n0..n0+NR-1 (rows past `valid` are padding, never written) = xt[:, m0 : m0 + MV*kLanes]ᵀ against the
 // weight rows w[r * K : (r + 1) * K].
-constexpr int64_t kPrefetch = 64;
 template <int MV>
 void wide_block(const float* xt, int64_t Mp, int64_t m0, int64_t rows, const float* w, int64_t K, int64_t n0,
                 int64_t valid, const Epilogue& epi) {
@@ -157,17 +158,23 @@ inline WideScratch& wide_scratch() {
   return scratch;
 }
 
-// Output rows of tiles [t_begin, t_end) for all M rows of x, on the calling thread.
-template <typename Tiles>
-void wide_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const Epilogue& epi) {
-  const int64_t K = w.K, Mp = (M + simd::kLanes - 1) / simd::kLanes * simd::kLanes;
-  WideScratch& s = wide_scratch();
-  if (static_cast<int64_t>(s.xt.size()) < K * Mp) s.xt.resize(K * Mp);
-  float* xt = s.xt.data();
+inline int64_t padded_rows(int64_t M) { return (M + simd::kLanes - 1) / simd::kLanes * simd::kLanes; }
+
+// xt [K, padded_rows(M)] = x [M, K] transposed, zero columns after M: the wide kernel's view of the input.
+inline void transpose_rows(const float* x, int64_t M, int64_t K, float* xt) {
+  const int64_t Mp = padded_rows(M);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t m = 0; m < M; ++m) xt[k * Mp + m] = x[m * K + k];
     for (int64_t m = M; m < Mp; ++m) xt[k * Mp + m] = 0.f;
   }
+}
+
+// Output rows of tiles [t_begin, t_end) for all M rows of the input, given transposed (transpose_rows), on the
+// calling thread.
+template <typename Tiles>
+void wide_range(const float* xt, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const Epilogue& epi) {
+  const int64_t K = w.K, Mp = padded_rows(M);
+  WideScratch& s = wide_scratch();
   const int64_t n_begin = t_begin * kNR, n_end = std::min(t_end * kNR, epi.N);
   const int64_t block = kWideVectors * simd::kLanes;
   for (int64_t m0 = 0; m0 < M; m0 += block) {
@@ -185,15 +192,39 @@ void wide_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const
 }
 #endif
 
+// x [M, K] prepared once for several tile_range calls over the same rows: transposed when the wide kernel will take
+// it, else empty (tile_range then reads x itself).
+inline std::vector<float> prepared_rows(const float* x, int64_t M, int64_t K) {
+#ifdef HELIOS_SIMD
+  if (M >= kWideRows) {
+    std::vector<float> xt(K * padded_rows(M));
+    transpose_rows(x, M, K, xt.data());
+    return xt;
+  }
+#endif
+  (void)x, (void)M, (void)K;
+  return {};
+}
+
 // Tiles [t_begin, t_end) against all M (<= kSmallM) rows of x, on the calling thread. Without SIMD intrinsics each
 // tile is first materialized as kNR x K floats (Tiles::tile: a pointer into the weight, or dequantized into
-// `buffer`, which must hold kNR * K floats).
+// `buffer`, which must hold kNR * K floats). `prepared` is prepared_rows(x, M, K) when the caller has it (null:
+// the wide kernel transposes x itself).
 template <typename Tiles>
 void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const Epilogue& epi,
-                float* buffer) {
+                float* buffer, const float* prepared = nullptr) {
 #ifdef HELIOS_SIMD
-  if (M >= kWideRows) return wide_range(x, M, t_begin, t_end, w, epi);
+  if (M >= kWideRows) {
+    if (prepared == nullptr) {
+      std::vector<float>& xt = wide_scratch().xt;
+      if (static_cast<int64_t>(xt.size()) < w.K * padded_rows(M)) xt.resize(w.K * padded_rows(M));
+      transpose_rows(x, M, w.K, xt.data());
+      prepared = xt.data();
+    }
+    return wide_range(prepared, M, t_begin, t_end, w, epi);
+  }
 #endif
+  (void)prepared;
   for (int64_t t = t_begin; t < t_end; ++t) {
 #ifdef HELIOS_SIMD
     (void)buffer;

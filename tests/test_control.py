@@ -363,6 +363,28 @@ def test_candidates_bits_per_byte_are_compared_on_the_same_prompts(domain_models
     assert "same reference prompts" in select["reason"]
 
 
+def test_each_candidates_tokenizer_is_loaded_once(domain_models, monkeypatch):
+    from helios.engine import engine as engine_module
+
+    loaded: list[str] = []
+    original = engine_module.AutoTokenizer.from_pretrained
+
+    def from_pretrained(path, *args, **kwargs):
+        loaded.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.AutoTokenizer, "from_pretrained", from_pretrained)
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
+    # before any request: the first candidate's engines and the other candidate's tokenizer
+    assert sorted(loaded) == sorted(str(domain_models[m]) for m in "ab")
+    _profile_every_candidate(llm)  # builds b's profiling engine, then the deployment
+    llm.set_slo(SLO(**{**SMALL_SLO, "objective": "memory"}))
+    _profile_every_candidate(llm)
+    assert sorted(loaded) == sorted(str(domain_models[m]) for m in "ab")  # every later engine reused them
+    controller = llm.engine
+    assert controller.active.engine.tokenizer is controller._tokenizers[controller.active.model]
+
+
 def test_at_a_cold_start_no_request_waits_for_the_first_profile(domain_models, monkeypatch):
     llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**SMALL_SLO), kv_cache_blocks=64)
     controller = llm.engine

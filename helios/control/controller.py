@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from helios.config import EngineConfig
 from helios.control.actions import breach_options
@@ -39,7 +40,7 @@ from helios.control.repository import ModelFacts, ModelRepository, tokenizer_key
 from helios.control.requests import ControlledRequest, ControlledSeq
 from helios.control.selector import Plan, never_breach, plan_candidate, select
 from helios.control.slo import SLO
-from helios.engine.engine import LLMEngine
+from helios.engine.engine import LLMEngine, load_tokenizer
 from helios.engine.outputs import RequestOutput
 from helios.engine.probes import ProbeLog
 from helios.engine.prompts import ChatPrompt, PromptTooLongError, parse_prompt
@@ -93,10 +94,12 @@ class ControlledEngine:
         self.monitor = BreachMonitor(slo.breach_window, slo.max_breaches)
         self._owner: dict[int, ControlledSeq] = {}  # engine seq_id -> the controlled sample it carries
         self._tokenizer_keys: dict[str, str] = {}
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # loaded once: engines of a model share it
         # the first loadable candidate is built now (bad arguments fail here); its tokenizer reads incoming prompts
         self._start_round("cold start")
         if self.profiling is None:
             raise RuntimeError(f"no candidate could be loaded for profiling ({self.events.events[-1].reason})")
+        self._load_tokenizers()
         self.tokenizer = self.profiling.engine.tokenizer
         self.tokenizer_key = self._tokenizer_keys[self.profiling.model]
         self.source = self.profiling.engine.source
@@ -112,15 +115,18 @@ class ControlledEngine:
         heads = config.early_exit.heads if config.early_exit is not None else None
         config = dataclasses.replace(config, early_exit=ExitConfig(heads=heads), **changes)
         donor = next((e for m, e in self._live_engines() if m == model), None)
+        tokenizer = self._tokenizers.get(model)
         started = time.perf_counter()
         try:
-            engine = LLMEngine(config, request_ids=self._engine_request_ids, share_weights=donor)
+            engine = LLMEngine(config, request_ids=self._engine_request_ids, share_weights=donor, tokenizer=tokenizer)
         except ValueError:
             if donor is None:
                 raise
-            engine = LLMEngine(config, request_ids=self._engine_request_ids)  # not shareable: read it all
+            # not shareable: read it all
+            engine = LLMEngine(config, request_ids=self._engine_request_ids, tokenizer=tokenizer)
         seconds = time.perf_counter() - started
         m = engine.model
+        self._tokenizers.setdefault(model, engine.tokenizer)
         self._tokenizer_keys.setdefault(model, tokenizer_key(engine.tokenizer))
         self.repository.set_facts(ModelFacts(
             name=model, total_layers=m.total_layers, bytes_per_layer=m.layer_bytes / m.loaded_layers,
@@ -130,6 +136,20 @@ class ControlledEngine:
             # measured only when layers came from disk (shared ones cost nothing)
             load_seconds_per_layer=seconds / engine.layers_read if engine.layers_read else None))
         return engine
+
+    def _load_tokenizers(self) -> None:
+        """Every candidate's tokenizer, once, before serving starts: building a candidate's engine later (its
+        profile, a switch) then reads only weights (Gemma 3's 262k-token tokenizer alone takes ~3 s). A candidate
+        whose tokenizer cannot load fails later, when it is built, as a failure event."""
+        for model, config in self.configs.items():
+            if model in self._tokenizers:
+                continue
+            try:
+                tokenizer = load_tokenizer(config.tokenizer or resolve_model(config.model).path)
+            except Exception:  # reported when the candidate is built
+                continue
+            self._tokenizers[model] = tokenizer
+            self._tokenizer_keys[model] = tokenizer_key(tokenizer)
 
     def _live_engines(self) -> list[tuple[str, LLMEngine]]:
         """Engines holding weights now, deepest first: the profiling run, the deployment, the last profiled."""

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from helios.config import EngineConfig
 from helios.engine.output_processor import OutputProcessor
@@ -45,12 +45,21 @@ def _reset_for_recompute(seq: Sequence) -> None:
     seq.status = Status.WAITING
 
 
+def load_tokenizer(path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, request_ids: Iterator[int] | None = None,
-                 share_weights: LLMEngine | None = None):
+                 share_weights: LLMEngine | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
         """request_ids: where request ids come from (engines that hand requests to each other share one).
         share_weights: an engine of the same model, dtype, device, quantization and max_model_len whose weights
-        this one reuses (embedding, LM head and the layers both have); only layers it lacks are read."""
+        this one reuses (embedding, LM head and the layers both have); only layers it lacks are read.
+        tokenizer: an already loaded tokenizer of config.tokenizer (or the model) to use instead of loading it
+        again (a large vocabulary's tokenizer takes seconds to parse; the control plane builds many engines)."""
         self.config = config
         self.device = resolve_device(config.device)
         self.source = resolve_model(config.model)
@@ -72,11 +81,7 @@ class LLMEngine:
         probe = checkpoint.find("model.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                                 "embed_tokens.weight", "decoder.embed_tokens.weight")
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype_of(probe) if probe else None)
-        tokenizer_path = config.tokenizer or self.source.path
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"cannot load a tokenizer from {tokenizer_path}: {e}") from e
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or self.source.path)
         if config.trust_remote_code:
             logger.warning("trust_remote_code=True changes nothing: helios serves its built-in architectures and "
                            "never runs code from a checkpoint")

@@ -305,6 +305,37 @@ def test_probe_layers_are_the_trained_heads_when_there_are_any():
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_greedy_probes_through_the_fused_head_record_what_full_logits_give(peaked_checkpoints, kind):
+    """Profiling greedy rows reads the LM head twice per step (last layer, then every probe together) instead of
+    writing full logits: the records equal those of the full-logits path (rows that ask for logprobs)."""
+    from helios.engine.probes import ProbeLog
+
+    logs = []
+    for params in (GREEDY, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)):
+        engine = LLMEngine(EngineConfig(peaked_checkpoints[kind], kv_cache_blocks=64))
+        log = ProbeLog((1, 2, 3))
+        engine.set_probes(log)
+        greedy_head, calls = engine.model.greedy_head, []
+        engine.model.greedy_head = lambda rows, f=greedy_head, c=calls: c.append(len(rows)) or f(rows)
+        for prompt in DOMAIN_A:
+            engine.add_request(engine.make_request(prompt, params))
+        while engine.has_unfinished():
+            engine.step()
+        logs.append(log)
+        assert bool(calls) == (params is GREEDY)  # which path ran
+    fused, full = logs
+    assert fused.tokens == full.tokens == len(DOMAIN_A) * GREEDY.max_tokens
+    assert fused.check_steps == full.check_steps > 0 and fused.check_seconds > 0
+    for layer in (1, 2, 3):
+        assert fused.agree[layer] == full.agree[layer]
+        assert fused.values[layer] == pytest.approx(full.values[layer], abs=1e-4)
+    assert sorted(fused.output_nats) == sorted(full.output_nats)
+    for request_id, nats in full.output_nats.items():
+        assert fused.output_nats[request_id] == pytest.approx(nats, abs=1e-4)
+    assert fused.prompt_nats == pytest.approx(full.prompt_nats, rel=1e-5)
+
+
 def test_llm_arguments_for_the_control_plane(checkpoints):
     with pytest.raises(ValueError, match="num_layers is chosen"):
         LLM([checkpoints["llama"], checkpoints["qwen2"]], num_layers=2)

@@ -51,20 +51,27 @@ class ProbeLog:
     def seconds_per_check(self) -> float:
         return self.check_seconds / max(1, self.check_steps)
 
-    def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor) -> None:
-        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head). The
-        first probe layer is checked alone and timed: that is what one exit check costs while serving (the cost
-        model's seconds_per_check). The others go through the LM head together (DecoderModel.exit_head_batch: on CPU
-        one read of the head for all of them, the same per-row results)."""
-        first, *rest = self.layers
-        synchronize(final_tokens.device)
-        start = time.perf_counter()
-        results = {first: model.exit_head(states[first], first)}
-        synchronize(final_tokens.device)
-        self.check_seconds += time.perf_counter() - start
+    def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor,
+                     check_seconds: float | None = None) -> None:
+        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head).
+        check_seconds: what one exit check on these rows took, when the step timed one already (the last layer's
+        fused head chose the tokens); then every probe layer goes through the LM head in one pass
+        (DecoderModel.exit_head_batch: on CPU one read of the head for all of them, the same per-row results).
+        Else the first probe layer is checked alone and timed (the cost model's seconds_per_check), the others
+        together."""
+        pending = dict(states)
+        results = {}
+        if check_seconds is None:
+            first = self.layers[0]
+            synchronize(final_tokens.device)
+            start = time.perf_counter()
+            results[first] = model.exit_head(pending.pop(first), first)
+            synchronize(final_tokens.device)
+            check_seconds = time.perf_counter() - start
+        self.check_seconds += check_seconds
         self.check_steps += 1
-        if rest:
-            results.update(model.exit_head_batch({layer: states[layer] for layer in rest}))
+        if pending:
+            results.update(model.exit_head_batch(pending))
         for layer in self.layers:
             token, p1, p2, entropy = results[layer]
             measure = {"max_prob": p1, "margin": p1 - p2, "entropy": entropy}[self.confidence]
@@ -72,11 +79,15 @@ class ProbeLog:
             self.agree[layer].extend((token == final_tokens).tolist())
         self.tokens += len(final_tokens)
 
+    def record_output_nats(self, request_ids: list[str], nats: list[float]) -> None:
+        """-ln p of each chosen token under the full-depth distribution."""
+        for request_id, value in zip(request_ids, nats, strict=True):
+            self.output_nats.setdefault(request_id, []).append(value)
+
     def record_outputs(self, request_ids: list[str], log_probs: torch.Tensor, tokens: list[int]) -> None:
         """-ln p of each chosen token under the full-depth distribution (log_probs: [rows, vocab])."""
         chosen = log_probs.gather(1, torch.tensor(tokens, device=log_probs.device)[:, None])[:, 0].tolist()
-        for request_id, value in zip(request_ids, chosen, strict=True):
-            self.output_nats.setdefault(request_id, []).append(-value)
+        self.record_output_nats(request_ids, [-value for value in chosen])
 
     def record_prompt(self, model: DecoderModel, request_id: str, hidden: torch.Tensor, prompt_ids: list[int]) -> None:
         """-ln p of prompt tokens 1..n-1 given positions 0..n-2 (hidden: those positions' last-layer states)."""

@@ -3,6 +3,7 @@ runs layers 1..L, computes logits only at each sequence's last position, and sam
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -146,18 +147,29 @@ class ModelRunner:
         probes.layer_seconds += time.perf_counter() - start
         probes.layer_steps += model.loaded_layers
         seqs = [item.seq for item in batch]
-        logits = model.compute_logits(hidden[last]).float()
-        tokens, logprobs = sample(logits, seqs, self.generator, self.stop_ids)
-        log_probs = logits.log_softmax(-1)
-        probes.record_exits(model, states, logits.argmax(-1))
-        probes.record_outputs([s.request_id for s in seqs], log_probs, tokens)
+        request_ids = [s.request_id for s in seqs]
+        rows = hidden[last]
+        if rows.device.type == "cpu" and not any(needs_logits(s) for s in seqs):
+            # greedy rows: the last layer through the fused head (no [batch, vocab] logits), timed, since that is
+            # one exit check on these rows; the probes then share one more read of the LM head
+            start = time.perf_counter()
+            token_t, p1_t = model.greedy_head(rows)
+            probes.record_exits(model, states, token_t, check_seconds=time.perf_counter() - start)
+            tokens, p1, logprobs = token_t.tolist(), p1_t.tolist(), [None] * len(seqs)
+            probes.record_output_nats(request_ids, [-math.log(max(p, 1e-45)) for p in p1])  # the argmax's -ln p
+        else:
+            logits = model.compute_logits(rows).float()
+            tokens, logprobs = sample(logits, seqs, self.generator, self.stop_ids)
+            log_probs = logits.log_softmax(-1)
+            probes.record_exits(model, states, logits.argmax(-1))
+            probes.record_outputs(request_ids, log_probs, tokens)
+            p1 = log_probs.max(-1).values.exp().tolist()
         first_dense = len(batch) - len(meta.dense or [])
         for k, dense in enumerate(meta.dense or []):
             seq = batch[first_dense + k].seq
             if seq.num_computed_tokens == 0 and seq.request_id not in probes.prompt_nats:
                 probes.record_prompt(model, seq.request_id, hidden[dense.start:dense.start + seq.prompt_len - 1],
                                      seq.prompt_token_ids)
-        p1 = log_probs.max(-1).values.exp().tolist()
         depth = model.loaded_layers
         return [TokenChoice(t, depth, c, False, lp) for t, c, lp in zip(tokens, p1, logprobs, strict=True)], hidden
 

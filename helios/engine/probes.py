@@ -16,6 +16,7 @@ import torch
 from helios.model.base import DecoderModel
 
 PROMPT_CHUNK = 256  # prompt rows whose [rows, vocab] logits exist at once
+CHECK_TIMED, CHECK_EVERY = 4, 8  # exit-check timing: the first 4 probed steps, then every 8th
 
 
 def synchronize(device: torch.device) -> None:
@@ -35,7 +36,8 @@ class ProbeLog:
     layer_seconds: float = 0.0  # time in the layer stack, summed over steps
     layer_steps: int = 0  # layer applications timed (steps x loaded layers)
     check_seconds: float = 0.0  # time of exit checks (fused exit head on the batch's last rows)
-    check_steps: int = 0
+    check_steps: int = 0  # steps whose exit check was timed on its own (time_this_check)
+    untimed_steps: int = 0
     tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -51,27 +53,32 @@ class ProbeLog:
     def seconds_per_check(self) -> float:
         return self.check_seconds / max(1, self.check_steps)
 
-    def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor,
-                     check_seconds: float | None = None) -> None:
-        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head).
-        check_seconds: what one exit check on these rows took, when the step timed one already (the last layer's
-        fused head chose the tokens); then every probe layer goes through the LM head in one pass
-        (DecoderModel.exit_head_batch: on CPU one read of the head for all of them, the same per-row results).
-        Else the first probe layer is checked alone and timed (the cost model's seconds_per_check), the others
-        together."""
-        pending = dict(states)
-        results = {}
-        if check_seconds is None:
-            first = self.layers[0]
-            synchronize(final_tokens.device)
-            start = time.perf_counter()
-            results[first] = model.exit_head(pending.pop(first), first)
-            synchronize(final_tokens.device)
-            check_seconds = time.perf_counter() - start
-        self.check_seconds += check_seconds
+    def time_this_check(self) -> bool:
+        """Whether this step should time an exit check on its own: the first CHECK_TIMED steps, then every
+        CHECK_EVERY-th. The other steps read the LM head once for the last layer and every probe together."""
+        return self.check_steps < CHECK_TIMED or self.untimed_steps % CHECK_EVERY == CHECK_EVERY - 1
+
+    def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor) -> None:
+        """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head). The
+        first probe layer is checked alone and timed: that is what one exit check costs while serving (the cost
+        model's seconds_per_check). The others go through the LM head together (DecoderModel.exit_head_batch: on CPU
+        one read of the head for all of them, the same per-row results)."""
+        first, *rest = self.layers
+        synchronize(final_tokens.device)
+        start = time.perf_counter()
+        results = {first: model.exit_head(states[first], first)}
+        synchronize(final_tokens.device)
+        self.add_check_time(time.perf_counter() - start)
+        if rest:
+            results.update(model.exit_head_batch({layer: states[layer] for layer in rest}))
+        self.record_exit_results(results, final_tokens)
+
+    def add_check_time(self, seconds: float) -> None:
+        self.check_seconds += seconds
         self.check_steps += 1
-        if pending:
-            results.update(model.exit_head_batch(pending))
+
+    def record_exit_results(self, results: dict[int, tuple], final_tokens: torch.Tensor) -> None:
+        """results: per probe layer, (token, p1, p2, entropy) of each row (DecoderModel.exit_head)."""
         for layer in self.layers:
             token, p1, p2, entropy = results[layer]
             measure = {"max_prob": p1, "margin": p1 - p2, "entropy": entropy}[self.confidence]

@@ -121,9 +121,10 @@ class DecoderModel:
         return exit_head(hidden, self.lm_head, None if n is None else n.weight, None if n is None else n.bias,
                          norm=kind, eps=1e-5 if n is None else n.eps)
 
-    def exit_head_batch(self, states: dict[int, torch.Tensor]) -> dict[int, tuple]:
-        """exit_head for the rows of several exits at once ({1-based layer: hidden rows}). On CPU their rows go
-        through the fused head together, so the LM head is read once for all of them (profiling probes)."""
+    def exit_head_batch(self, states: dict[int | None, torch.Tensor]) -> dict[int | None, tuple]:
+        """exit_head for the rows of several exits at once ({1-based layer, or None for the last layer: hidden
+        rows}). On CPU their rows go through the fused head together, so the LM head is read once for all of them
+        (profiling probes)."""
         if not states or next(iter(states.values())).is_cuda:
             return {layer: self.exit_head(hidden, layer) for layer, hidden in states.items()}
         inputs = [self.exit_head_input(hidden, layer) for layer, hidden in states.items()]

@@ -36,7 +36,7 @@ class ProbeLog:
     layer_seconds: float = 0.0  # time in the layer stack, summed over steps
     layer_steps: int = 0  # layer applications timed (steps x loaded layers)
     check_seconds: float = 0.0  # time of exit checks (fused exit head on the batch's last rows)
-    check_steps: int = 0  # steps whose exit check was timed on its own (time_this_check)
+    check_steps: int = 0  # steps whose exit check was timed on its own
     untimed_steps: int = 0
     tokens: int = 0
 
@@ -53,10 +53,22 @@ class ProbeLog:
     def seconds_per_check(self) -> float:
         return self.check_seconds / max(1, self.check_steps)
 
-    def time_this_check(self) -> bool:
-        """Whether this step should time an exit check on its own: the first CHECK_TIMED steps, then every
-        CHECK_EVERY-th. The other steps read the LM head once for the last layer and every probe together."""
-        return self.check_steps < CHECK_TIMED or self.untimed_steps % CHECK_EVERY == CHECK_EVERY - 1
+    def record_greedy(self, model: DecoderModel, states: dict[int, torch.Tensor],
+                      rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy rows (CPU): (token, p1) of the last layer and every probe exit through the fused head in one read
+        of the LM head, no [batch, vocab] logits. The first CHECK_TIMED steps, then every CHECK_EVERY-th, time the
+        last layer's head alone instead (one exit check on these rows: seconds_per_check) and the probes apart."""
+        if self.check_steps < CHECK_TIMED or self.untimed_steps % CHECK_EVERY == CHECK_EVERY - 1:
+            start = time.perf_counter()
+            token, p1 = model.greedy_head(rows)
+            self.add_check_time(time.perf_counter() - start)
+            results = model.exit_head_batch(states)
+        else:
+            self.untimed_steps += 1
+            results = model.exit_head_batch({**states, None: rows})  # None: the last layer (final norm)
+            token, p1 = results.pop(None)[:2]
+        self.record_exit_results(results, token)
+        return token, p1
 
     def record_exits(self, model: DecoderModel, states: dict[int, torch.Tensor], final_tokens: torch.Tensor) -> None:
         """Evaluates each probe layer's exit on the rows' hidden states (the runtime's own fused exit head). The

@@ -150,18 +150,7 @@ class ModelRunner:
         request_ids = [s.request_id for s in seqs]
         rows = hidden[last]
         if rows.device.type == "cpu" and not any(needs_logits(s) for s in seqs):
-            # greedy rows: the last layer and every probe through the fused head in one read of the LM head (no
-            # [batch, vocab] logits); on the steps that time an exit check, the last layer's goes alone, timed
-            if probes.time_this_check():
-                start = time.perf_counter()
-                token_t, p1_t = model.greedy_head(rows)
-                probes.add_check_time(time.perf_counter() - start)
-                results = model.exit_head_batch(states)
-            else:
-                probes.untimed_steps += 1
-                results = model.exit_head_batch({**states, None: rows})  # None: the last layer (final norm)
-                token_t, p1_t = results.pop(None)[:2]
-            probes.record_exit_results(results, token_t)
+            token_t, p1_t = probes.record_greedy(model, states, rows)
             tokens, p1, logprobs = token_t.tolist(), p1_t.tolist(), [None] * len(seqs)
             probes.record_output_nats(request_ids, [-math.log(max(p, 1e-45)) for p in p1])  # the argmax's -ln p
         else:

@@ -618,6 +618,20 @@ def test_set_slo_reprofiles_and_events_reach_the_logger(domain_models, caplog):
     assert any("select" in r.getMessage() for r in caplog.records)
 
 
+def test_requests_arriving_during_a_round_do_not_count_toward_the_next(domain_models):
+    llm = LLM([domain_models["a"], domain_models["b"]], slo=SLO(**{**SMALL_SLO, "reprofile_interval": 3}),
+              kv_cache_blocks=64)
+    # both rounds' profiles take 2 requests each; the other 20 arrive while the round is underway
+    for _ in range(2):
+        assert all(o.finished for o in llm.generate(DOMAIN_A * 4, GREEDY, use_tqdm=False))
+    reasons = lambda: [e["reason"] for e in llm.stats()["events"] if e["kind"] == "reassess"]  # noqa: E731
+    assert len(llm.stats()["control"]["pht"]) == 2 and reasons() == ["cold start"]
+    llm.generate(DOMAIN_A[:2], GREEDY, use_tqdm=False)
+    assert reasons() == ["cold start"]
+    llm.generate(DOMAIN_A[:1], GREEDY, use_tqdm=False)  # the third request after the selection starts the next round
+    assert reasons() == ["cold start", "3 requests since the last profile (RI)"]
+
+
 def test_breaches_at_the_truncated_depth_are_tokens_below_its_threshold(peaked_checkpoints):
     from helios.exits.config import ExitPolicy
 

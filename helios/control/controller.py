@@ -7,7 +7,7 @@ candidates are profiled. Then the selector picks model M, depth L,
 exits and thresholds (helios.control.selector); only layers 1..L of M are loaded and the KV pool is sized for
 them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
 `breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
-Every `reprofile_interval` requests (and on set_slo) the candidates are profiled again beside the active
+Every `reprofile_interval` requests after a round's selection (and on set_slo) the candidates are profiled again beside the active
 deployment, which keeps serving all other traffic. Engines of one model share weights: a profile of the deployed
 model reads only the layers the deployment lacks, and a deployment chosen after a profile reads none.
 
@@ -247,8 +247,12 @@ class ControlledEngine:
         if request.request_id in self.requests:
             raise ValueError(f"request {request.request_id!r} was added already")
         self.requests[request.request_id] = request
-        self.requests_since_profile += 1
-        if self.requests_since_profile >= self.slo.reprofile_interval and self.profiling is None:
+        # RI counts requests served after a round's selection: those arriving during a round do not count, so a round
+        # that spans more than RI requests (a slow candidate's profile) does not start the next one at once
+        round_underway = self.profiling is not None or bool(self.to_profile)
+        if not round_underway:
+            self.requests_since_profile += 1
+        if self.requests_since_profile >= self.slo.reprofile_interval and not round_underway:
             self._start_round(f"{self.requests_since_profile} requests since the last profile (RI)")
         if self.profiling is None and self.to_profile and self.active is not None:
             self._next_candidate()

@@ -24,7 +24,7 @@ class SLO:
     bpb_tolerance: float = 0.1
     coverage: float = 0.9
     profile_requests: int = 5  # live requests each candidate serves at full depth per profile (paper: 5)
-    reprofile_interval: int = 150  # RI: requests between profiles (paper: 150)
+    reprofile_interval: int = 150  # RI: requests between a round's selection and the next round (paper: 150)
     breach_window: int = 100  # tokens in the breach monitor's sliding window (paper: 100)
     max_breaches: int = 50  # CBCmax: more breaches than this in the window trigger growth or a switch (paper: 50)
     # exit layers evaluated while profiling: "auto" = the layers with trained exit heads when the model has them

@@ -337,6 +337,24 @@ def test_greedy_probes_through_the_fused_head_record_what_full_logits_give(peake
     assert fused.prompt_nats == pytest.approx(full.prompt_nats, rel=1e-5)
 
 
+@pytest.mark.parametrize("kind,quantization", [("llama", None), ("opt", None), ("llama_tied", None),
+                                               ("llama", "int8")])
+def test_prompt_nats_equal_a_float64_log_softmax(peaked_checkpoints, kind, quantization):
+    """The prompt's -ln p per token (bits per byte of the profile), from the fused head's statistics where it
+    applies (float32 CPU) and from full logits elsewhere (int8 head), against float64 logits of the same rows."""
+    engine = LLMEngine(EngineConfig(peaked_checkpoints[kind], kv_cache_blocks=64, quantization=quantization))
+    model = engine.model
+    ids = engine.make_request("Once upon a time there was a fox who sold sea shells", GREEDY).prompt_token_ids
+    hidden = engine.hidden_states([ids], [model.loaded_layers])[model.loaded_layers][:-1]
+    weight = model.lm_head if quantization is None else model.head.quantized.dequantized()
+    logits = model.head_input(hidden).double() @ weight.double().T
+    want = -logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    got = model.token_nats(hidden, torch.tensor(ids[1:]))
+    assert got.dtype == torch.float32 and len(got) == len(ids) - 1
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+    assert engine.prompt_nats(ids) == pytest.approx(float(want.sum()), rel=1e-4)
+
+
 def test_llm_arguments_for_the_control_plane(checkpoints):
     with pytest.raises(ValueError, match="num_layers is chosen"):
         LLM([checkpoints["llama"], checkpoints["qwen2"]], num_layers=2)

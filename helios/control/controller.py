@@ -7,9 +7,10 @@ candidates are profiled. Then the selector picks model M, depth L,
 exits and thresholds (helios.control.selector); only layers 1..L of M are loaded and the KV pool is sized for
 them. While serving, tokens forced out at L below threshold are breaches; more than `max_breaches` in the last
 `breach_window` tokens trigger the cheaper of growing the depth or switching model (cost model in `_react`).
-Every `reprofile_interval` requests after a round's selection (and on set_slo) the candidates are profiled again beside the active
-deployment, which keeps serving all other traffic. Engines of one model share weights: a profile of the deployed
-model reads only the layers the deployment lacks, and a deployment chosen after a profile reads none.
+Every `reprofile_interval` requests after a round's selection (and on set_slo) the candidates are profiled again
+beside the active deployment, which keeps serving all other traffic. Engines of one model share weights: a profile
+of the deployed model reads only the layers the deployment lacks, and a deployment chosen after a profile reads
+none.
 
 Nothing is lost: a request moves between engines whole. With the same tokenizer, its sequences are released by
 one engine and adopted by the other (re-prefilled from their tokens); across tokenizers, each sample's text so
@@ -28,7 +29,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from helios.config import EngineConfig
@@ -400,8 +400,7 @@ class ControlledEngine:
                 ids = engine.make_request(prompt, SamplingParams(max_tokens=1)).prompt_token_ids
                 if not 2 <= len(ids) < engine.max_model_len:
                     continue
-                log_probs = engine.prompt_logits(ids)[:-1].log_softmax(-1)
-                nats -= float(log_probs.gather(1, torch.tensor(ids[1:], device=log_probs.device)[:, None]).sum())
+                nats += engine.prompt_nats(ids)
                 num_bytes += len(engine.tokenizer.decode(ids[1:], skip_special_tokens=True).encode())
             profile.reference_bpb = bits_per_byte(nats, num_bytes)
         profile.reference = hashlib.sha1("\x00".join(r.prompt_text for r in self._reference).encode()).hexdigest()[:12]

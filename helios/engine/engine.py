@@ -360,6 +360,14 @@ class LLMEngine:
         hidden = self.hidden_states([token_ids], [self.model.loaded_layers])[self.model.loaded_layers]
         return self.model.compute_logits(hidden).float()
 
+    @torch.inference_mode()
+    def prompt_nats(self, token_ids: list[int]) -> float:
+        """-ln p of tokens 1..n-1 of token_ids, each given the tokens before it, summed (teacher forced through the
+        loaded layers; DecoderModel.token_nats: no [n, vocab] logits where the fused head applies)."""
+        hidden = self.hidden_states([token_ids], [self.model.loaded_layers])[self.model.loaded_layers]
+        targets = torch.tensor(token_ids[1:], device=hidden.device)
+        return float(self.model.token_nats(hidden[:-1], targets).sum())
+
     @locked
     @torch.inference_mode()
     def hidden_states(self, windows: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from helios.model.base import DecoderModel
 
-PROMPT_CHUNK = 256  # prompt rows whose [rows, vocab] logits exist at once
+PROMPT_CHUNK = 256  # prompt rows scored at once (where full logits are needed: [rows, vocab] at once)
 CHECK_TIMED, CHECK_EVERY = 4, 8  # exit-check timing: the first 4 probed steps, then every 8th
 
 
@@ -110,9 +110,7 @@ class ProbeLog:
 
     def record_prompt(self, model: DecoderModel, request_id: str, hidden: torch.Tensor, prompt_ids: list[int]) -> None:
         """-ln p of prompt tokens 1..n-1 given positions 0..n-2 (hidden: those positions' last-layer states)."""
-        nats = 0.0
-        for start in range(0, len(prompt_ids) - 1, PROMPT_CHUNK):
-            log_probs = model.compute_logits(hidden[start:start + PROMPT_CHUNK]).float().log_softmax(-1)
-            targets = torch.tensor(prompt_ids[start + 1:start + 1 + PROMPT_CHUNK], device=log_probs.device)
-            nats -= float(log_probs.gather(1, targets[:, None]).sum())
-        self.prompt_nats[request_id] = nats
+        targets = torch.tensor(prompt_ids[1:], device=hidden.device)
+        self.prompt_nats[request_id] = sum(float(model.token_nats(hidden[start:start + PROMPT_CHUNK],
+                                                                  targets[start:start + PROMPT_CHUNK]).sum())
+                                           for start in range(0, len(prompt_ids) - 1, PROMPT_CHUNK))

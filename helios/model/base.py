@@ -106,6 +106,21 @@ class DecoderModel:
         stats = self.head.stats(x)
         return (stats[0], stats[1]) if stats is not None else greedy_head_native(x, self.head, None)
 
+    def token_nats(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-ln p(targets[i]) of each row at the last layer (float32 [rows]), as compute_logits + log_softmax would
+        give. Where the fused head applies (CPU float32), from its statistics without [rows, vocab] logits: with z1
+        the argmax's logit and p1 its probability, the log-normalizer is z1 - ln p1, so -ln p(t) = z1 - z_t - ln p1
+        (the two logits are dot products with two head rows)."""
+        x = self.head_input(hidden)
+        stats = self.head.stats(x) if self.head.weight is not None else None
+        if stats is None:
+            log_probs = self.head.logits(x).float().log_softmax(-1)
+            return -log_probs.gather(1, targets[:, None])[:, 0]
+        token, p1 = stats[0], stats[1]
+        weight = self.head.weight
+        gap = (x.float() * (weight[token] - weight[targets])).sum(-1)  # z1 - z_t
+        return gap - p1.clamp_min(1e-45).log()
+
     def exit_head(self, hidden: torch.Tensor, layer: int | None = None):
         """(token, p1, p2, entropy) of each row at an exit: adapter, then norm + LM head fused, no [B, vocab]
         logits."""

@@ -28,6 +28,7 @@ TORCH_LIBRARY(helios, m) {
       "Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cos, Tensor sin, "
       "int num_heads, int num_kv_heads, float eps, float scale, int[] sliding_windows, int weight_bits=32) -> Tensor");
   m.def("decode_stack_timing(bool enable) -> Tensor", &helios::decode_stack_timing_cpu);  // no tensor in: catch-all
+  m.def("integer_dot_rows() -> int", &helios::integer_dot_rows_cpu);  // no tensor in: catch-all
   m.def("head_stats(Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "int8_head_stats(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int vocab) -> "

@@ -80,6 +80,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
 // spent [working, waiting at the barrier after it] since the last call, as float64 [7, 2]; resets the sums and
 // turns timing on or off.
 at::Tensor decode_stack_timing_cpu(bool enable);
+// The fewest input rows from which int8/int4 linears round activations to int8 per group of 32 and use integer dot
+// products (cpu/integer_dot.h), up to 48 rows; 0 where this build has none (no AVX-512 VNNI).
+int64_t integer_dot_rows_cpu();
 
 // Shared argument checks (same messages on every device).
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,

@@ -1,5 +1,7 @@
-"""Weight-only int8/int4 linears (helios._C int8_linear / int4_linear) vs a float64 oracle with the dequantized
-weight, on odd shapes, every path (register blocks of 1-6 rows up to 48 rows, slabs beyond), bias and residual; the
+"""int8/int4 linears (helios._C int8_linear / int4_linear) vs a float64 oracle with the dequantized weight (and,
+where the kernel takes integer dot products, the input rounded as it rounds it), on odd shapes, every path (register
+blocks of 1-6 rows up to 48 rows, integer dot products from 16 rows with AVX-512 VNNI, slabs beyond), bias and
+residual; the
 quantizers' round trip; quantized models end to end (parity with the dequantized float model, bytes, KV pool,
 truncation and exits); bad input."""
 
@@ -15,6 +17,8 @@ from helios.ops.quant import (
     QuantizedLinear,
     dequantize_int4,
     dequantize_int8,
+    integer_dot_rows,
+    quantize_activations,
     quantize_int4,
     quantize_int8,
     quantized_linear_reference,
@@ -43,6 +47,37 @@ def test_quantized_linear_matches_oracle(quantization, out_features, in_features
     assert (got.double() - oracle).abs().max() <= 1e-5 * (x.abs() @ linear.dequantized().abs().T).max()
     residual = randn(rows, out_features, seed=3)
     assert torch.allclose(linear.add(x, residual), got + residual, atol=1e-5, rtol=1e-5)
+
+
+def test_activations_round_to_int8_per_group_of_32():
+    x = randn(5, 70) * torch.logspace(-3, 3, 70)  # groups of very different ranges; 70: a zero-padded last group
+    x[1] = 0.0
+    got = quantize_activations(x)
+    groups = F.pad(x.double(), (0, 26)).reshape(5, 3, 32)
+    scale = (groups.abs().amax(-1, keepdim=True) / 127).float().double()
+    q = F.pad(got, (0, 26)).reshape(5, 3, 32) / torch.where(scale > 0, scale, 1.0)
+    assert torch.allclose(q, q.round(), atol=1e-9) and q.abs().max() <= 127  # integers times the group's scale
+    half_step = (scale / 2).expand(-1, -1, 32).reshape(5, 96)[:, :70]
+    assert ((got - x.double()).abs() <= half_step * (1 + 1e-6)).all()
+    assert (got[1] == 0).all()
+
+
+@pytest.mark.skipif(integer_dot_rows() == 0, reason="this build has no integer dot products (AVX-512 VNNI)")
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_integer_dot_products_take_the_rounded_input_from_16_to_48_rows(quantization):
+    """From integer_dot_rows() rows the kernel multiplies the rounded input: it matches that oracle to float32
+    rounding and is measurably away from the unrounded product (so the path ran); below it and past 48 rows the
+    input is used as is."""
+    linear = QuantizedLinear(randn(200, 96), None, quantization)
+    weight = linear.dequantized().double()
+    for rows in (integer_dot_rows() - 1, integer_dot_rows(), 48, 49):
+        x = randn(rows, 96, seed=rows)
+        got = linear(x).double()
+        bound = 1e-5 * (x.double().abs() @ weight.abs().T).max()
+        rounded, exact = F.linear(quantize_activations(x), weight), F.linear(x.double(), weight)
+        integer = integer_dot_rows() <= rows <= 48
+        assert (got - (rounded if integer else exact)).abs().max() <= bound, rows
+        assert ((got - exact).abs().max() > 10 * bound) == integer, rows
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -203,9 +238,12 @@ def test_quantized_weights_leave_more_kv_blocks_and_truncation_and_exits_work(pe
     original = Checkpoint.get
     monkeypatch.setattr(Checkpoint, "get", lambda self, name, *a: read.append(name) or original(self, name, *a))
     config = ExitConfig(layers="all", threshold=0.5)
-    truncated = LLM(path, dtype="float32", num_layers=3, quantization="int8", early_exit=config, kv_cache_blocks=64)
+    # under 16 rows per step (prefills one at a time): the float twin multiplies what the int8 kernels do, without
+    # the int8 rounding of activations that integer dot products bring from 16 rows on (test_integer_dot_*)
+    few_rows = dict(kv_cache_blocks=64, max_num_batched_tokens=15)
+    truncated = LLM(path, dtype="float32", num_layers=3, quantization="int8", early_exit=config, **few_rows)
     assert not any(".layers.3." in name for name in read)
-    twin = LLM(path, dtype="float32", num_layers=3, early_exit=config, kv_cache_blocks=64)
+    twin = LLM(path, dtype="float32", num_layers=3, early_exit=config, **few_rows)
     _dequantized_twin(truncated, twin)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     got = truncated.generate(["The quick brown fox", "Water boils at"], params, use_tqdm=False)

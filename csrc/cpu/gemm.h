@@ -215,6 +215,8 @@ void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const
                 float* buffer, const float* prepared = nullptr) {
 #ifdef HELIOS_SIMD
   if (M >= kWideRows) {
+    // int8/int4 weights on a CPU with integer dot products: x rounded to int8 per group (integer_dot.h)
+    if constexpr (Tiles::kIntegerDot) return w.integer_range(x, M, t_begin, t_end, epi);
     if (prepared == nullptr) {
       std::vector<float>& xt = wide_scratch().xt;
       if (static_cast<int64_t>(xt.size()) < w.K * padded_rows(M)) xt.resize(w.K * padded_rows(M));
@@ -255,6 +257,7 @@ void small_gemm(const float* x, int64_t M, int64_t tiles, const Tiles& w, const 
 // (the last tile of an N that kNR does not divide) read row N-1 again; the epilogue drops them.
 struct FloatRows {
   static constexpr bool kTail = true;
+  static constexpr bool kIntegerDot = false;  // wide batches: float32 products (see quant::GroupTiles)
   const float* w;
   int64_t N, K;
   const float* row(int64_t t, int64_t j) const { return w + std::min(t * kNR + j, N - 1) * K; }

@@ -1,12 +1,14 @@
 // CPU weight-only quantized linears: y = x·Wᵀ (+ bias) (+ residual) with W stored as 8- or 4-bit integers in
 // groups of 32 along K, each group with a float32 scale and minimum (int4 is llama.cpp's Q4_1; int8 the same with
-// 255 steps, which holds Q4_1 and Q8_0 blocks exactly); activations and accumulation are float32.
+// 255 steps, which holds Q4_1 and Q8_0 blocks exactly); activations and accumulation are float32, except for
+// batches of gemm::kWideRows to kSmallM rows on CPUs with AVX-512 VNNI (integer_dot.h: activations rounded to
+// int8 per group of 32, as llama.cpp's Q8_0, and integer dot products).
 //
 // Decode (few rows) is bound by reading the weights, so the win is the bytes: each thread streams tiles of NR
 // output rows, converts 8 or 16 weights at a time in registers and multiplies them into MR x NR accumulators
-// (AVX-512 or AVX2; a tile buffer + plain loops without either). PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu were 3-12x slower than the fp32
-// oneDNN linear on an AVX2 EPYC, hence this kernel. Prefill (many rows) is bound by arithmetic: weights are
-// dequantized in slabs and multiplied with at::mm.
+// (AVX-512 or AVX2; a tile buffer + plain loops without either). PyTorch's _weight_int8pack_mm /
+// _weight_int4pack_mm_for_cpu were 3-12x slower than the fp32 oneDNN linear on an AVX2 EPYC, hence this kernel.
+// Prefill (many rows) is bound by arithmetic: weights are dequantized in slabs and multiplied with at::mm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -108,6 +110,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual) {
   return group_linear<8>("int8_linear", x, qweight, scale, minimum, out_features, bias, residual);
+}
+
+int64_t integer_dot_rows_cpu() {
+#ifdef HELIOS_SIMD
+  return integer_dot::kAvailable ? gemm::kWideRows : 0;
+#else
+  return 0;
+#endif
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,

@@ -7,12 +7,14 @@
 #include <cstdint>
 
 #include "gemm.h"
+#include "integer_dot.h"
 #include "simd.h"
 
 namespace helios::quant {
 
 using gemm::kNR;
 constexpr int64_t kGroup = 32;  // group size along K (one scale and minimum each)
+static_assert(integer_dot::kGroup == kGroup, "activations are rounded per weight group");
 
 // Layout, interleaved by tiles of kNR output rows so that one tile is one sequential stream in memory (four
 // separate row streams ran at a third of the bandwidth):
@@ -24,6 +26,8 @@ template <int Bits>
 struct GroupTiles {
   static constexpr int kBits = Bits;
   static constexpr bool kTail = false;  // K is a whole number of groups
+  // from gemm::kWideRows rows on, int8 activations and integer dot products where the CPU has them
+  static constexpr bool kIntegerDot = integer_dot::kAvailable;
   static constexpr int64_t kGroupBytes = kGroup * Bits / 8;
   const uint8_t* q;
   const float* scale;
@@ -63,6 +67,9 @@ struct GroupTiles {
       for (int i = 0; i < kGroup; ++i) dst[g * kGroup + i] = static_cast<float>(value(b, i)) * s + m;
     }
 #endif
+  }
+  void integer_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const gemm::Epilogue& epi) const {
+    integer_dot::tile_range(x, M, t_begin, t_end, *this, epi);
   }
   // The tiles from t0 on, as a weight of their own (n, its output rows, is implied by the caller's tile count).
   GroupTiles slice(int64_t t0, int64_t /*n*/) const {

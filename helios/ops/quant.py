@@ -147,7 +147,34 @@ class QuantizedLinear:
         return self._run(x, residual)
 
 
+def integer_dot_rows() -> int:
+    """The fewest rows from which int8/int4 linears round their input to int8 per group of 32 (up to 48 rows; at
+    most 48 rows per call are multiplied that way); 0 on a build without AVX-512 VNNI."""
+    return int(torch.ops.helios.integer_dot_rows())
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the integer-dot kernel multiplies it (csrc/cpu/integer_dot.h, llama.cpp's Q8_0): per row and
+    group of 32 along K (zero-padded), xs = max|x| / 127 and q = round(x / xs) in [-127, 127], returned as xs * q in
+    float64 (the same float32 rounding steps as the kernel)."""
+    rows, features = x.shape
+    padded = F.pad(x.float(), (0, -features % GROUP)).reshape(rows, -1, GROUP)
+    absmax = padded.abs().amax(dim=-1, keepdim=True)
+    scale = absmax / 127
+    inverse = torch.where(absmax > 0, 127 / absmax, torch.zeros_like(absmax))
+    q = (padded * inverse).round().clamp(-127, 127)
+    return (q.double() * scale.double()).reshape(rows, -1)[:, :features]
+
+
 def quantized_linear_reference(x: torch.Tensor, linear: QuantizedLinear) -> torch.Tensor:
-    """The oracle: F.linear in float64 with the dequantized weight."""
+    """The oracle: F.linear in float64 with the dequantized weight, and with x rounded as the kernel rounds it
+    where it takes integer dot products (integer_dot_rows() to 48 rows)."""
     bias = None if linear.bias is None else linear.bias.double()
-    return F.linear(x.double(), linear.dequantized().double(), bias)
+    x64 = as_multiplied(x.reshape(-1, x.shape[-1]))
+    return F.linear(x64.reshape(*x.shape[:-1], -1), linear.dequantized().double(), bias)
+
+
+def as_multiplied(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] in float64 as the int8/int4 kernels multiply it in one call: rounded by quantize_activations where
+    they take integer dot products (integer_dot_rows() to 48 rows), else as it is."""
+    return quantize_activations(x) if 0 < integer_dot_rows() <= x.shape[0] <= 48 else x.double()

@@ -1,0 +1,172 @@
+// Integer dot products for int8 / int4 weights at batch sizes where the arithmetic, not the weight bytes, bounds
+// a linear (gemm::kWideRows rows and more, up to gemm::kSmallM): the float32 kernel converts every weight to float
+// and spends one 16-lane FMA per 16 multiply-adds; AVX-512 VNNI's vpdpbusd does 64 (u8 x s8 -> int32) in one.
+//
+// Activations are rounded to int8 per row and group of 32 along K, llama.cpp's Q8_0: x ≈ xs * q, xs = max|x| / 127,
+// q = round(x / xs) in [-127, 127] (helios.ops.quant.quantize_activations is the same in torch). With a weight group
+// w = s * u + mn (u the stored integers), a group's contribution is exactly xs * (s * Σ q·u + mn * Σ q): one int32
+// dot product and two float FMAs per group of 32, and the result equals x̂·Wᵀ with x̂ = xs * q.
+//
+// Layout (the batch is the vector dimension, as in gemm's wide kernel): q packed four consecutive k per int32 lane,
+// xq[(k / 4) * Mp + m]; xs and xs * Σq per group, [g * Mp + m]; rows past M are zeros.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+
+#if defined(HELIOS_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HELIOS_INTEGER_DOT 1
+#endif
+
+namespace helios::integer_dot {
+
+#ifdef HELIOS_INTEGER_DOT
+constexpr bool kAvailable = true;
+#else
+constexpr bool kAvailable = false;
+#endif
+constexpr int64_t kGroup = 32;
+
+// x [M, K] (K a multiple of kGroup) rounded to int8 per group, in the kernel's layout.
+struct QuantizedRows {
+  std::vector<int32_t> q;   // [K / 4, Mp]: four int8 of row m at k..k+3
+  std::vector<float> scale;  // [K / 32, Mp]: xs
+  std::vector<float> qsum;   // [K / 32, Mp]: xs * Σ q over the group
+  int64_t M = 0, Mp = 0, K = 0;
+};
+
+inline void quantize_rows(const float* x, int64_t M, int64_t K, QuantizedRows& out) {
+  const int64_t Mp = gemm::padded_rows(M), groups = K / kGroup;
+  out.M = M, out.Mp = Mp, out.K = K;
+  out.q.assign(K / 4 * Mp, 0);
+  out.scale.assign(groups * Mp, 0.f);
+  out.qsum.assign(groups * Mp, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + m * K + g * kGroup;
+      float absmax = 0.f;
+      for (int i = 0; i < kGroup; ++i) absmax = std::max(absmax, std::fabs(v[i]));
+      const float scale = absmax / 127.f, inverse = absmax > 0.f ? 127.f / absmax : 0.f;
+      int8_t q[kGroup];
+      int sum = 0;
+      for (int i = 0; i < kGroup; ++i) {
+        // nearbyint: round half to even under the default rounding mode, as torch.round
+        const float r = std::nearbyint(v[i] * inverse);
+        q[i] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
+        sum += q[i];
+      }
+      for (int quad = 0; quad < kGroup / 4; ++quad)
+        std::memcpy(&out.q[(g * kGroup / 4 + quad) * Mp + m], q + 4 * quad, 4);
+      out.scale[g * Mp + m] = scale;
+      out.qsum[g * Mp + m] = scale * static_cast<float>(sum);
+    }
+  }
+}
+
+inline QuantizedRows& scratch() {
+  thread_local QuantizedRows rows;
+  return rows;
+}
+
+#ifdef HELIOS_INTEGER_DOT
+// Four stored integers of a weight row at k = 4 * quad within a group, as the unsigned bytes of one int32.
+template <int Bits>
+inline int32_t weight_quad(const uint8_t* group, int quad) {
+  int32_t word;
+  if constexpr (Bits == 8) {
+    std::memcpy(&word, group + 4 * quad, 4);
+  } else {  // values 0..15 of a group are the low nibbles of its 16 bytes, 16..31 the high ones
+    uint32_t bytes;
+    std::memcpy(&bytes, group + 4 * (quad % 4), 4);
+    word = static_cast<int32_t>((quad < 4 ? bytes : bytes >> 4) & 0x0F0F0F0Fu);
+  }
+  return word;
+}
+
+// Output rows n0..n0+NR-1 (those past `valid` are padding, never written) for input rows m0..m0+rows-1 of x.
+template <int MV, typename Tiles>
+void block(const QuantizedRows& x, int64_t m0, int64_t rows, const Tiles& w, int64_t n0, int64_t valid,
+           const gemm::Epilogue& epi) {
+  constexpr int NR = 12 / MV;  // 2 x NR x MV accumulators (int32 and float) of AVX-512's 32 registers
+  constexpr int64_t kGroupBytes = Tiles::kGroupBytes;
+  const int64_t groups = w.groups(), Mp = x.Mp;
+  const uint8_t* q[NR];
+  int64_t at[NR];  // index of the row's first group scale and minimum
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + std::min<int64_t>(r, valid - 1);
+    q[r] = w.row(n / gemm::kNR, 0, n % gemm::kNR);
+    at[r] = w.at(n / gemm::kNR, 0, n % gemm::kNR);
+  }
+  __m512 acc[NR][MV];
+#pragma GCC unroll 12
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t step = g * gemm::kNR;  // groups of one row are kNR groups apart
+    __m512i dot[NR][MV];
+#pragma GCC unroll 12
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 3
+      for (int v = 0; v < MV; ++v) dot[r][v] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int quad = 0; quad < kGroup / 4; ++quad) {
+      const int32_t* xq = x.q.data() + (g * kGroup / 4 + quad) * Mp + m0;
+      __m512i xv[MV];
+#pragma GCC unroll 3
+      for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xq + 16 * v);
+#pragma GCC unroll 12
+      for (int r = 0; r < NR; ++r) {
+        const __m512i wv = _mm512_set1_epi32(weight_quad<Tiles::kBits>(q[r] + step * kGroupBytes, quad));
+#pragma GCC unroll 3
+        for (int v = 0; v < MV; ++v) dot[r][v] = _mm512_dpbusd_epi32(dot[r][v], wv, xv[v]);
+      }
+    }
+#pragma GCC unroll 3
+    for (int v = 0; v < MV; ++v) {
+      const __m512 xs = _mm512_loadu_ps(x.scale.data() + g * Mp + m0 + 16 * v);
+      const __m512 xsum = _mm512_loadu_ps(x.qsum.data() + g * Mp + m0 + 16 * v);
+#pragma GCC unroll 12
+      for (int r = 0; r < NR; ++r) {
+        const __m512 s = _mm512_set1_ps(w.scale[at[r] + step]), mn = _mm512_set1_ps(w.minimum[at[r] + step]);
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][v]), xs);
+        acc[r][v] = _mm512_fmadd_ps(xsum, mn, _mm512_fmadd_ps(scaled, s, acc[r][v]));
+      }
+    }
+  }
+  alignas(64) float out[NR][MV * 16];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) _mm512_store_ps(&out[r][16 * v], acc[r][v]);
+  for (int64_t r = 0; r < valid; ++r)
+    for (int64_t m = 0; m < rows; ++m) epi.put(m0 + m, n0 + r, out[r][m]);
+}
+#endif
+
+// Output rows of tiles [t_begin, t_end) for all M (<= gemm::kSmallM) rows of x, on the calling thread: x rounded to
+// int8 (quantize_rows, into this thread's scratch), then integer dot products per group.
+template <typename Tiles>
+void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const gemm::Epilogue& epi) {
+#ifdef HELIOS_INTEGER_DOT
+  QuantizedRows& xq = scratch();
+  quantize_rows(x, M, w.K, xq);
+  const int64_t n_begin = t_begin * gemm::kNR, n_end = std::min(t_end * gemm::kNR, epi.N);
+  for (int64_t m0 = 0; m0 < M; m0 += 48) {
+    const int64_t rows = std::min<int64_t>(48, M - m0);
+    gemm::with_count<3>((rows + 15) / 16, [&](auto mv) {
+      constexpr int NR = 12 / mv.value;
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += NR)
+        block<mv.value>(xq, m0, rows, w, n0, std::min<int64_t>(NR, n_end - n0), epi);
+    });
+  }
+#else
+  (void)x, (void)M, (void)t_begin, (void)t_end, (void)w, (void)epi;
+  TORCH_CHECK(false, "integer_dot::tile_range: this build has no AVX-512 VNNI");
+#endif
+}
+
+}  // namespace helios::integer_dot

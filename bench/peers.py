@@ -142,6 +142,8 @@ def main() -> None:
         ("helios-fp32", sys.executable, {"engine": "helios", "model": "smollm2-135m"}),
         ("helios-int8", sys.executable, {"engine": "helios", "model": "smollm2-135m", "quantization": "int8"}),
         ("helios-int4", sys.executable, {"engine": "helios", "model": "smollm2-135m", "quantization": "int4"}),
+        ("helios-w8a8", sys.executable, {"engine": "helios", "model": "smollm2-135m", "quantization": "w8a8"}),
+        ("helios-w4a8", sys.executable, {"engine": "helios", "model": "smollm2-135m", "quantization": "w4a8"}),
         ("transformers-fp32", sys.executable, {"engine": "transformers", "model": hf_dir}),
     ]
     helios_engines = [e for e in engines if e[0].startswith("helios")]

@@ -20,22 +20,24 @@ TORCH_LIBRARY(helios, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def(
       "int8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
-      "Tensor? bias=None, Tensor? residual=None) -> Tensor");
+      "Tensor? bias=None, Tensor? residual=None, bool round_activations=False) -> Tensor");
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def(
       "decode_layers(Tensor hidden, Tensor positions, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] key_caches, "
       "Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cos, Tensor sin, "
-      "int num_heads, int num_kv_heads, float eps, float scale, int[] sliding_windows, int weight_bits=32) -> Tensor");
+      "int num_heads, int num_kv_heads, float eps, float scale, int[] sliding_windows, int weight_bits=32, "
+      "bool round_activations=False) -> Tensor");
   m.def("decode_stack_timing(bool enable) -> Tensor", &helios::decode_stack_timing_cpu);  // no tensor in: catch-all
   m.def("integer_dot_rows() -> int", &helios::integer_dot_rows_cpu);  // no tensor in: catch-all
   m.def("head_stats(Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "int8_head_stats(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int vocab) -> "
+      "int8_head_stats(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int vocab, "
+      "bool round_activations=False) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, int out_features, "
-      "Tensor? bias=None, Tensor? residual=None) -> Tensor");
+      "Tensor? bias=None, Tensor? residual=None, bool round_activations=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(helios, CPU, m) {

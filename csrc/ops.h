@@ -43,12 +43,14 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x);
 
 // Weight-only quantized linears (see cpu/quant_ops.cpp for the tiled layouts): x float32 [..., K] -> [..., N],
 // plus optional bias [N] and residual [..., N].
+// round_activations: from integer_dot_rows() to 48 rows, x is rounded to int8 per group of 32 and multiplied with
+// integer dot products (cpu/integer_dot.h; ignored on a build without them).
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& residual);
+                           const std::optional<at::Tensor>& residual, bool round_activations);
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& residual);
+                           const std::optional<at::Tensor>& residual, bool round_activations);
 
 // Softmax statistics of the LM head's logits per row of x float32 [rows, K], never holding [rows, vocab] (see
 // cpu/head_ops.cpp): (argmax token int64, p1, p2, entropy) float32 [rows]. Float32 weight [vocab, K], or helios'
@@ -59,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_head_stats_cpu(c
                                                                                const at::Tensor& qweight,
                                                                                const at::Tensor& scale,
                                                                                const at::Tensor& minimum,
-                                                                               int64_t vocab);
+                                                                               int64_t vocab,
+                                                                               bool round_activations);
 
 // Float32 linear over a plain [N, K] weight (see cpu/linear_ops.cpp): x [..., K] -> [..., N], optional bias [N]
 // and residual [..., N].
@@ -74,7 +77,8 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
                              at::TensorList value_caches, const at::Tensor& slot_mapping,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                              const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, double eps,
-                             double scale, at::IntArrayRef sliding_windows, int64_t weight_bits);
+                             double scale, at::IntArrayRef sliding_windows, int64_t weight_bits,
+                             bool round_activations);
 
 // Timing of the stack's phases (input norm, qkv, attention, o_proj, post norm, gate_up, down): seconds thread 0
 // spent [working, waiting at the barrier after it] since the last call, as float64 [7, 2]; resets the sums and

@@ -38,7 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     early_exit: ExitConfig | None = None
     load_format: str = "auto"
-    quantization: str | None = None  # weight-only "int8" / "int4" linears (CPU)
+    quantization: str | None = None  # weight-only "int8" / "int4"; "w8a8" / "w4a8" also round activations (CPU)
     # vLLM's constructor names, honoured or refused with what helios does instead
     tokenizer: str | Path | None = None
     gpu_memory_utilization: float | None = None

@@ -38,7 +38,10 @@ class LLM:
     quantization="int8" | "int4" stores the decoder linears as int8 or int4 in groups of 32 with a scale and a
     minimum each (int4: Q4_1; int8 holds Q4_1 and Q8_0 blocks exactly) and the LM head as int8, dequantized on
     the fly by CPU kernels; activations stay float32. Fewer weight bytes per token (faster decode) and more KV
-    blocks in the same memory budget. CPU only.
+    blocks in the same memory budget. CPU only. "w8a8" | "w4a8": the same weights, and from 16 to 48 rows per
+    linear (decode batches of 16+, short prefills) activations rounded to int8 per group of 32 (llama.cpp's Q8_0)
+    for integer dot products (AVX-512 VNNI; elsewhere as int8 / int4): faster at batch 16-48, greedy tokens drift
+    from float32 sooner.
     vLLM's names: tokenizer (a tokenizer directory other than the model's), gpu_memory_utilization (CUDA: the
     share of GPU memory for weights + activations + KV), seed, enforce_eager (helios always runs eagerly),
     trust_remote_code (helios never runs checkpoint code), tensor_parallel_size (1: helios runs on one device).

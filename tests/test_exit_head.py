@@ -254,8 +254,9 @@ def test_fused_cpu_head_ties_keep_the_lowest_index_across_chunks():
     torch.testing.assert_close(p1.double(), want[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
 @pytest.mark.parametrize("rows", [1, 20])
-def test_fused_int8_head_matches_the_reference_on_its_dequantized_weight(rows):
+def test_fused_int8_head_matches_the_reference_on_its_dequantized_weight(rows, quantization):
     from helios._ext import load_extension
     from helios.ops.exit_head import PackedHead
 
@@ -263,10 +264,11 @@ def test_fused_int8_head_matches_the_reference_on_its_dequantized_weight(rows):
     hidden, lm_head, _, _ = inputs(rows, 72, 1001, "none", seed=3)  # 72 features: the int8 tiles pad K to 96
     from helios.ops.quant import as_multiplied
 
-    head = PackedHead(lm_head, quantization="int8")
+    head = PackedHead(lm_head, quantization=quantization)
     dequantized = head.quantized.dequantized()
-    # from 16 rows the kernel multiplies the rows rounded to int8 (integer dot products where the CPU has them)
-    check(head.stats(hidden), reference(as_multiplied(hidden), dequantized, None, None, "none", 0.0))
+    # w8a8: from 16 rows the kernel multiplies the rows rounded to int8 (integer dot products where the CPU has them)
+    rows_as_multiplied = as_multiplied(hidden, head.quantized.round_activations)
+    check(head.stats(hidden), reference(rows_as_multiplied, dequantized, None, None, "none", 0.0))
 
 
 def test_fused_cpu_head_names_bad_input():

@@ -34,7 +34,7 @@ def randn(*shape, seed=0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("out_features,in_features", [(1, 32), (13, 40), (37, 96), (64, 576), (1030, 64)])
 @pytest.mark.parametrize("rows", ROWS)
 def test_quantized_linear_matches_oracle(quantization, out_features, in_features, rows):
@@ -63,11 +63,11 @@ def test_activations_round_to_int8_per_group_of_32():
 
 
 @pytest.mark.skipif(integer_dot_rows() == 0, reason="this build has no integer dot products (AVX-512 VNNI)")
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8", "w4a8"])
 def test_integer_dot_products_take_the_rounded_input_from_16_to_48_rows(quantization):
-    """From integer_dot_rows() rows the kernel multiplies the rounded input: it matches that oracle to float32
-    rounding and is measurably away from the unrounded product (so the path ran); below it and past 48 rows the
-    input is used as is."""
+    """w8a8 / w4a8 from integer_dot_rows() rows: the kernel multiplies the rounded input; it matches that oracle to
+    float32 rounding and is measurably away from the unrounded product (so the path ran); below it and past 48 rows
+    the input is used as is. int8 / int4 never round."""
     linear = QuantizedLinear(randn(200, 96), None, quantization)
     weight = linear.dequantized().double()
     for rows in (integer_dot_rows() - 1, integer_dot_rows(), 48, 49):
@@ -75,7 +75,7 @@ def test_integer_dot_products_take_the_rounded_input_from_16_to_48_rows(quantiza
         got = linear(x).double()
         bound = 1e-5 * (x.double().abs() @ weight.abs().T).max()
         rounded, exact = F.linear(quantize_activations(x), weight), F.linear(x.double(), weight)
-        integer = integer_dot_rows() <= rows <= 48
+        integer = quantization in ("w8a8", "w4a8") and integer_dot_rows() <= rows <= 48
         assert (got - (rounded if integer else exact)).abs().max() <= bound, rows
         assert ((got - exact).abs().max() > 10 * bound) == integer, rows
 
@@ -181,11 +181,13 @@ def test_bad_input_names_the_problem():
         torch.ops.helios.int8_linear(randn(2, 64), *linear.parts, 9, None, None)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8"])
 def test_opcheck(quantization):
     linear = QuantizedLinear(randn(12, 64), randn(12), quantization)
-    op = torch.ops.helios.int8_linear if quantization == "int8" else torch.ops.helios.int4_linear
-    torch.library.opcheck(op, (randn(3, 64), *linear.parts, 12, linear.bias, randn(3, 12)))
+    op = torch.ops.helios.int8_linear if linear.weight_format == "int8" else torch.ops.helios.int4_linear
+    rows = 20 if linear.round_activations else 3
+    torch.library.opcheck(op, (randn(rows, 64), *linear.parts, 12, linear.bias, randn(rows, 12),
+                               linear.round_activations))
 
 
 # ---- quantized models end to end ------------------------------------------------------------------------------
@@ -238,12 +240,9 @@ def test_quantized_weights_leave_more_kv_blocks_and_truncation_and_exits_work(pe
     original = Checkpoint.get
     monkeypatch.setattr(Checkpoint, "get", lambda self, name, *a: read.append(name) or original(self, name, *a))
     config = ExitConfig(layers="all", threshold=0.5)
-    # under 16 rows per step (prefills one at a time): the float twin multiplies what the int8 kernels do, without
-    # the int8 rounding of activations that integer dot products bring from 16 rows on (test_integer_dot_*)
-    few_rows = dict(kv_cache_blocks=64, max_num_batched_tokens=15)
-    truncated = LLM(path, dtype="float32", num_layers=3, quantization="int8", early_exit=config, **few_rows)
+    truncated = LLM(path, dtype="float32", num_layers=3, quantization="int8", early_exit=config, kv_cache_blocks=64)
     assert not any(".layers.3." in name for name in read)
-    twin = LLM(path, dtype="float32", num_layers=3, early_exit=config, **few_rows)
+    twin = LLM(path, dtype="float32", num_layers=3, early_exit=config, kv_cache_blocks=64)
     _dequantized_twin(truncated, twin)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     got = truncated.generate(["The quick brown fox", "Water boils at"], params, use_tqdm=False)

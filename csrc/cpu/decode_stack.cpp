@@ -121,16 +121,18 @@ const float* optional_data(const std::optional<at::Tensor>& t, int64_t n, const 
 
 template <typename Tiles>
 StackLinear<Tiles> stack_linear(const at::Tensor* parts, int64_t N, int64_t K, const std::optional<at::Tensor>& bias,
-                                const char* what) {
+                                const char* what, bool round_activations) {
   const float* b = optional_data(bias, N, what);
   if constexpr (std::is_same_v<Tiles, gemm::FloatRows>) {
+    (void)round_activations;  // float32 weights: float32 products
     const at::Tensor& w = parts[0];
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == N &&
                     w.size(1) == K,
                 "decode_layers: ", what, " weight must be contiguous float32 [", N, ", ", K, "], got ", w.sizes());
     return {gemm::FloatRows{w.data_ptr<float>(), N, K}, N, b};
   } else {
-    const Tiles w = quant::checked_tiles<Tiles::kBits>("decode_layers", parts[0], parts[1], parts[2]);
+    const Tiles w =
+        quant::checked_tiles<Tiles::kBits>("decode_layers", parts[0], parts[1], parts[2], round_activations);
     TORCH_CHECK(w.K == K && parts[0].size(0) == (N + gemm::kNR - 1) / gemm::kNR, "decode_layers: ", what,
                 " quantized weight must hold [", N, ", ", K, "] (in_features a multiple of ", quant::kGroup, ")");
     return {w, N, b};
@@ -147,6 +149,7 @@ struct StepArgs {
   const float* cos;
   const float* sin;
   float eps, scale;
+  bool round_activations;  // quantized weights: integer dot products from gemm::kWideRows tokens (integer_dot.h)
 };
 
 template <typename Tiles>
@@ -301,10 +304,10 @@ at::Tensor decode_stack(const at::Tensor& hidden, at::TensorList weights, const 
     const int64_t bias0 = l * kBiasesPerLayer;
     stack.push_back(LayerWeights<Tiles>{
         w[0].data_ptr<float>(), w[1].data_ptr<float>(),
-        stack_linear<Tiles>(w + 2, q_out + 2 * kv_out, d, biases.get(bias0), "qkv"),
-        stack_linear<Tiles>(w + 2 + P, d, q_out, biases.get(bias0 + 1), "o_proj"),
-        stack_linear<Tiles>(w + 2 + 2 * P, 2 * a.inter, d, biases.get(bias0 + 2), "gate_up"),
-        stack_linear<Tiles>(w + 2 + 3 * P, d, a.inter, biases.get(bias0 + 3), "down"),
+        stack_linear<Tiles>(w + 2, q_out + 2 * kv_out, d, biases.get(bias0), "qkv", a.round_activations),
+        stack_linear<Tiles>(w + 2 + P, d, q_out, biases.get(bias0 + 1), "o_proj", a.round_activations),
+        stack_linear<Tiles>(w + 2 + 2 * P, 2 * a.inter, d, biases.get(bias0 + 2), "gate_up", a.round_activations),
+        stack_linear<Tiles>(w + 2 + 3 * P, d, a.inter, biases.get(bias0 + 3), "down", a.round_activations),
         PagedKV<float>{kc.data_ptr<float>(), vc.data_ptr<float>(), block_size, a.num_kv_heads, dim,
                        a.num_heads / a.num_kv_heads},
         kc.data_ptr<float>(), vc.data_ptr<float>(), sliding_windows[l]});
@@ -319,7 +322,8 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
                              at::TensorList value_caches, const at::Tensor& slot_mapping,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                              const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, double eps,
-                             double scale, at::IntArrayRef sliding_windows, int64_t weight_bits) {
+                             double scale, at::IntArrayRef sliding_windows, int64_t weight_bits,
+                             bool round_activations) {
   // every check happens here: nothing may throw inside the parallel region
   TORCH_CHECK(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && hidden.dim() == 2 &&
                   hidden.is_contiguous(),
@@ -354,7 +358,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
                 " is not a decode step inside its block table and the rotary tables");
   const StepArgs args{T, d, 0, num_heads, num_kv_heads, dim, pos, slot_mapping.data_ptr<int64_t>(),
                       block_tables.data_ptr<int32_t>(), block_tables.size(1), cos.data_ptr<float>(),
-                      sin.data_ptr<float>(), static_cast<float>(eps), static_cast<float>(scale)};
+                      sin.data_ptr<float>(), static_cast<float>(eps), static_cast<float>(scale), round_activations};
   switch (weight_bits) {
     case 32: return decode_stack<gemm::FloatRows>(hidden, weights, biases, key_caches, value_caches, sliding_windows, args);
     case 8: return decode_stack<quant::GroupTiles<8>>(hidden, weights, biases, key_caches, value_caches, sliding_windows, args);

@@ -160,9 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_head_stats_cpu(c
                                                                                const at::Tensor& qweight,
                                                                                const at::Tensor& scale,
                                                                                const at::Tensor& minimum,
-                                                                               int64_t vocab) {
+                                                                               int64_t vocab,
+                                                                               bool round_activations) {
   check_rows("int8_head_stats", x);
-  const auto w = quant::checked_tiles<8>("int8_head_stats", qweight, scale, minimum);
+  const auto w = quant::checked_tiles<8>("int8_head_stats", qweight, scale, minimum, round_activations);
   // the tiles hold K rounded up to whole groups (zero weights past in_features): x gets zero columns to match
   TORCH_CHECK(x.size(1) <= w.K && w.K - x.size(1) < kGroup, "int8_head_stats: x has ", x.size(1),
               " features, the weight expects ", w.K, " (", kGroup, "-column groups)");

@@ -98,8 +98,8 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const Tiles& w, int
 template <int Bits>
 at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                         const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& residual) {
-  const auto w = quant::checked_tiles<Bits>(op, qweight, scale, minimum);
+                        const std::optional<at::Tensor>& residual, bool round_activations) {
+  const auto w = quant::checked_tiles<Bits>(op, qweight, scale, minimum, round_activations);
   const int64_t tiles = qweight.size(0);
   return quant_linear(op, x, w, tiles, out_features, kGroup, bias, residual);
 }
@@ -108,8 +108,8 @@ at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& q
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& residual) {
-  return group_linear<8>("int8_linear", x, qweight, scale, minimum, out_features, bias, residual);
+                           const std::optional<at::Tensor>& residual, bool round_activations) {
+  return group_linear<8>("int8_linear", x, qweight, scale, minimum, out_features, bias, residual, round_activations);
 }
 
 int64_t integer_dot_rows_cpu() {
@@ -122,8 +122,8 @@ int64_t integer_dot_rows_cpu() {
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& residual) {
-  return group_linear<4>("int4_linear", x, qweight, scale, minimum, out_features, bias, residual);
+                           const std::optional<at::Tensor>& residual, bool round_activations) {
+  return group_linear<4>("int4_linear", x, qweight, scale, minimum, out_features, bias, residual, round_activations);
 }
 
 }  // namespace helios

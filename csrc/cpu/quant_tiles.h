@@ -26,13 +26,14 @@ template <int Bits>
 struct GroupTiles {
   static constexpr int kBits = Bits;
   static constexpr bool kTail = false;  // K is a whole number of groups
-  // from gemm::kWideRows rows on, int8 activations and integer dot products where the CPU has them
+  // this build can take integer dot products (integer_dot.h); `integer_dot` says whether this weight does
   static constexpr bool kIntegerDot = integer_dot::kAvailable;
   static constexpr int64_t kGroupBytes = kGroup * Bits / 8;
   const uint8_t* q;
   const float* scale;
   const float* minimum;
   int64_t K;
+  bool integer_dot = false;  // from gemm::kWideRows rows: activations rounded to int8, integer dot products
   int64_t groups() const { return K / kGroup; }
   int64_t at(int64_t t, int64_t g, int64_t j) const { return (t * groups() + g) * kNR + j; }  // group (t, g, j)
   const uint8_t* row(int64_t t, int64_t g, int64_t j) const { return q + at(t, g, j) * kGroupBytes; }
@@ -74,7 +75,7 @@ struct GroupTiles {
   // The tiles from t0 on, as a weight of their own (n, its output rows, is implied by the caller's tile count).
   GroupTiles slice(int64_t t0, int64_t /*n*/) const {
     const int64_t at0 = t0 * groups() * kNR;
-    return {q + at0 * kGroupBytes, scale + at0, minimum + at0, K};
+    return {q + at0 * kGroupBytes, scale + at0, minimum + at0, K, integer_dot};
   }
   // `total` rows of K floats from output row n0 on, the first `valid` dequantized into buffer, zeros after
   // (gemm::wide_range).
@@ -90,10 +91,11 @@ struct GroupTiles {
   }
 };
 
-// The tiles of a quantized weight (qweight, scale, minimum as helios.ops.quant lays them out), checked.
+// The tiles of a quantized weight (qweight, scale, minimum as helios.ops.quant lays them out), checked;
+// round_activations asks for integer dot products (honoured where the build has them).
 template <int Bits>
 GroupTiles<Bits> checked_tiles(const char* op, const at::Tensor& qweight, const at::Tensor& scale,
-                               const at::Tensor& minimum) {
+                               const at::Tensor& minimum, bool round_activations = false) {
   constexpr int64_t bytes = GroupTiles<Bits>::kGroupBytes;
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 4 && qweight.size(2) == kNR &&
                   qweight.size(3) == bytes && qweight.is_contiguous(),
@@ -104,7 +106,7 @@ GroupTiles<Bits> checked_tiles(const char* op, const at::Tensor& qweight, const 
                     t->size(2) == kNR && t->is_contiguous(),
                 op, ": scale and minimum must be contiguous float32 [", tiles, ", ", groups, ", ", kNR, "]");
   return GroupTiles<Bits>{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(),
-                          groups * kGroup};
+                          groups * kGroup, round_activations && integer_dot::kAvailable};
 }
 
 }  // namespace helios::quant

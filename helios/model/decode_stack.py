@@ -17,7 +17,7 @@ from helios.ops import AttentionMetadata
 MAX_TOKENS = 48  # csrc/cpu/gemm.h kSmallM
 
 
-WEIGHT_BITS = {None: 32, "int8": 8, "int4": 4}
+WEIGHT_BITS = {None: 32, "int8": 8, "int4": 4, "w8a8": 8, "w4a8": 4}
 QUANT_GROUP = 32  # helios.ops.quant.GROUP: a quantized stack multiplies unpadded activations
 
 
@@ -52,10 +52,10 @@ class StackArgs:
     def __init__(self, layers: list, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.layers, self.depth, self.kv_caches = layers, len(layers), kv_caches
         linears = [[w.qkv, w.o_proj, w.gate_up, w.down] for w in layers]
-        kinds = {_weight_bits(linear) for group in linears for linear in group}
+        kinds = {_weight_kind(linear) for group in linears for linear in group}
         # one weight kind for the whole stack (a layer replaced after loading may differ: then the per-layer path)
         self.usable = len(kinds) == 1 and None not in kinds
-        self.weight_bits = kinds.pop() if self.usable else 0
+        self.weight_bits, self.round_activations = kinds.pop() if self.usable else (0, False)
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor | None] = []
         if self.usable:
@@ -72,11 +72,13 @@ class StackArgs:
         return self.layers is layers and self.depth == len(layers) and self.kv_caches is kv_caches
 
 
-def _weight_bits(linear) -> int | None:
-    """32 for a plain float32 Linear, 8 / 4 for a QuantizedLinear, None for what the stack cannot read."""
+def _weight_kind(linear) -> tuple[int, bool] | None:
+    """(weight bits, activations rounded): 32 for a plain float32 Linear, 8 / 4 for a QuantizedLinear (rounding
+    for w8a8 / w4a8); None for what the stack cannot read."""
     if getattr(linear, "plain", False):
-        return 32
-    return {"int8": 8, "int4": 4}.get(getattr(linear, "quantization", None))
+        return 32, False
+    bits = WEIGHT_BITS.get(getattr(linear, "quantization", None))
+    return None if bits in (None, 32) else (bits, linear.round_activations)
 
 
 def stack_args(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> StackArgs | None:
@@ -94,4 +96,4 @@ def decode_layers(model, args: StackArgs, hidden: torch.Tensor, positions: torch
     return torch.ops.helios.decode_layers(
         hidden, positions, args.weights, args.biases, args.keys, args.values, meta.slot_mapping, meta.block_tables,
         meta.seq_lens, model.rotary.cos, model.rotary.sin, model.num_heads, model.num_kv_heads, model.eps,
-        model.scale, args.windows, args.weight_bits)
+        model.scale, args.windows, args.weight_bits, args.round_activations)

@@ -48,10 +48,10 @@ def _silu_and_mul_fake(x):
 
 
 @torch.library.register_fake("helios::int8_linear")
-def _int8_linear_fake(x, qweight, scale, minimum, out_features, bias=None, residual=None):
+def _int8_linear_fake(x, qweight, scale, minimum, out_features, bias=None, residual=None, round_activations=False):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("helios::int4_linear")
-def _int4_linear_fake(x, qweight, scale, minimum, out_features, bias=None, residual=None):
+def _int4_linear_fake(x, qweight, scale, minimum, out_features, bias=None, residual=None, round_activations=False):
     return x.new_empty(*x.shape[:-1], out_features)

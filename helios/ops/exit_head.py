@@ -39,8 +39,8 @@ class PackedHead:
         self.vocab_size = lm_head.shape[0]
         self.weight: torch.Tensor | None = None  # plain float32 [vocab, d], read by helios._C (CPU)
         self.quantized: QuantizedLinear | None = None  # the whole head as int8
-        if quantization is not None:
-            self.quantized = QuantizedLinear(lm_head, None, "int8")
+        if quantization is not None:  # int8 weights; w8a8 / w4a8 models round the head's rows as their layers do
+            self.quantized = QuantizedLinear(lm_head, None, "w8a8" if quantization in ("w8a8", "w4a8") else "int8")
             self.chunks = [(0, self.quantized)]
             return
         if plain_linear_supported(lm_head):
@@ -67,8 +67,9 @@ class PackedHead:
         or None where it does not apply (exit_head_native is then the way, and the reference either way)."""
         if self.weight is not None and x.dtype == torch.float32:
             return torch.ops.helios.head_stats(x.contiguous(), self.weight)
-        if self.quantized is not None and self.quantized.quantization == "int8":
-            return torch.ops.helios.int8_head_stats(x.float().contiguous(), *self.quantized.parts, self.vocab_size)
+        if self.quantized is not None and self.quantized.weight_format == "int8":
+            return torch.ops.helios.int8_head_stats(x.float().contiguous(), *self.quantized.parts, self.vocab_size,
+                                                    self.quantized.round_activations)
         return None
 
 

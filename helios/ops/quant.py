@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("int8", "int4")
+# weight-only int8 / int4, and the same weights with activations rounded to int8 in batched calls (w8a8 / w4a8)
+WEIGHT_FORMAT = {"int8": "int8", "int4": "int4", "w8a8": "int8", "w4a8": "int4"}
+QUANTIZATIONS = tuple(WEIGHT_FORMAT)
 GROUP = 32  # input features per scale/minimum (csrc/cpu/quant_ops.cpp kGroup)
 TILE_ROWS = 4  # output rows interleaved per tile (csrc/cpu/quant_ops.cpp: one tile is one sequential stream)
 
@@ -115,12 +117,14 @@ class QuantizedLinear:
         if weight.device.type != "cpu":
             raise ValueError(f"quantized linears run on CPU only, not on {weight.device.type}")
         self.quantization = quantization
+        self.weight_format = WEIGHT_FORMAT[quantization]  # how the weight is stored: "int8" or "int4"
+        self.round_activations = self.weight_format != quantization  # w8a8 / w4a8 (integer dot products)
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = None if bias is None else bias.float().contiguous()
         self.packed = None  # (Linear's oneDNN handle; a quantized weight is never oneDNN-packed)
         self.weight = None
-        self.parts = quantize_int8(weight) if quantization == "int8" else quantize_int4(weight)
+        self.parts = quantize_int8(weight) if self.weight_format == "int8" else quantize_int4(weight)
 
     @property
     def nbytes(self) -> int:
@@ -128,16 +132,14 @@ class QuantizedLinear:
 
     def dequantized(self) -> torch.Tensor:
         """The float32 [out_features, in_features] weight this linear multiplies by (the oracle's weight)."""
-        full = dequantize_int8(*self.parts) if self.quantization == "int8" else dequantize_int4(*self.parts)
+        full = dequantize_int8(*self.parts) if self.weight_format == "int8" else dequantize_int4(*self.parts)
         return full[:self.out_features, :self.in_features]
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         x32 = x.float()
         res = None if residual is None else residual.float()
-        if self.quantization == "int8":
-            y = torch.ops.helios.int8_linear(x32, *self.parts, self.out_features, self.bias, res)
-        else:
-            y = torch.ops.helios.int4_linear(x32, *self.parts, self.out_features, self.bias, res)
+        op = torch.ops.helios.int8_linear if self.weight_format == "int8" else torch.ops.helios.int4_linear
+        y = op(x32, *self.parts, self.out_features, self.bias, res, self.round_activations)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +150,8 @@ class QuantizedLinear:
 
 
 def integer_dot_rows() -> int:
-    """The fewest rows from which int8/int4 linears round their input to int8 per group of 32 (up to 48 rows; at
-    most 48 rows per call are multiplied that way); 0 on a build without AVX-512 VNNI."""
+    """The fewest rows from which w8a8 / w4a8 linears round their input to int8 per group of 32 (up to 48 rows per
+    call); 0 on a build without AVX-512 VNNI (they then multiply as int8 / int4 do)."""
     return int(torch.ops.helios.integer_dot_rows())
 
 
@@ -167,14 +169,16 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear_reference(x: torch.Tensor, linear: QuantizedLinear) -> torch.Tensor:
-    """The oracle: F.linear in float64 with the dequantized weight, and with x rounded as the kernel rounds it
-    where it takes integer dot products (integer_dot_rows() to 48 rows)."""
+    """The oracle: F.linear in float64 with the dequantized weight, and (w8a8 / w4a8) with x rounded as the kernel
+    rounds it where it takes integer dot products (integer_dot_rows() to 48 rows)."""
     bias = None if linear.bias is None else linear.bias.double()
-    x64 = as_multiplied(x.reshape(-1, x.shape[-1]))
+    x64 = as_multiplied(x.reshape(-1, x.shape[-1]), linear.round_activations)
     return F.linear(x64.reshape(*x.shape[:-1], -1), linear.dequantized().double(), bias)
 
 
-def as_multiplied(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] in float64 as the int8/int4 kernels multiply it in one call: rounded by quantize_activations where
-    they take integer dot products (integer_dot_rows() to 48 rows), else as it is."""
-    return quantize_activations(x) if 0 < integer_dot_rows() <= x.shape[0] <= 48 else x.double()
+def as_multiplied(x: torch.Tensor, round_activations: bool) -> torch.Tensor:
+    """x [M, K] in float64 as the int8/int4 kernels multiply it in one call: with round_activations (w8a8 / w4a8),
+    rounded by quantize_activations where they take integer dot products (integer_dot_rows() to 48 rows), else as
+    it is."""
+    rounded = round_activations and 0 < integer_dot_rows() <= x.shape[0] <= 48
+    return quantize_activations(x) if rounded else x.double()

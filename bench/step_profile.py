@@ -8,7 +8,7 @@ own cost. Decode steps that run in the fused decode stack (one helios._C call fo
 it, per phase of a layer (thread 0's work and its wait at the barrier after each phase, summed over the layers).
 HELIOS_DECODE_STACK=0 profiles the per-layer path instead.
 helios' default OpenMP wait policy (PASSIVE) applies unless OMP_WAIT_POLICY is set; the JSON records which.
-Usage: python bench/step_profile.py [--quantization none int8 int4] [--batch-sizes 1 32] [--steps 24]
+Usage: python bench/step_profile.py [--quantization none int8 int4 w8a8 w4a8] [--batch-sizes 1 32] [--steps 24]
 """
 
 from __future__ import annotations

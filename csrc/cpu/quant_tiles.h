@@ -45,22 +45,31 @@ struct GroupTiles {
   // Weights k..k+kLanes of row j of tile t, dequantized in registers (k is a multiple of kLanes).
   simd::Vec load(int64_t t, int64_t j, int64_t k) const {
     const int64_t g = k / kGroup, within = k % kGroup;
-    __m128i bytes;
-    if constexpr (Bits == 8) {
-      bytes = simd::load_bytes(row(t, g, j) + within);
-    } else {  // values 0..15 of a group are the low nibbles of its 16 bytes, 16..31 the high ones
-      bytes = simd::load_bytes(row(t, g, j) + within % (kGroup / 2));
-      if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
-      bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-    }
-    return simd::fma(simd::from_bytes(bytes), simd::broadcast(scale[at(t, g, j)]),
+    return simd::fma(simd::from_bytes(group_bytes(row(t, g, j), within)), simd::broadcast(scale[at(t, g, j)]),
                      simd::broadcast(minimum[at(t, g, j)]));
+  }
+  // The stored integers `within`..`within`+kLanes of the group at b (within a multiple of kLanes).
+  static __m128i group_bytes(const uint8_t* b, int64_t within) {
+    if constexpr (Bits == 8) return simd::load_bytes(b + within);
+    // values 0..15 of a group are the low nibbles of its 16 bytes, 16..31 the high ones
+    __m128i bytes = simd::load_bytes(b + within % (kGroup / 2));
+    if (within >= kGroup / 2) bytes = _mm_srli_epi16(bytes, 4);
+    return _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
   }
 #endif
   // Row j of tile t, dequantized, into dst[0:K].
   void dequant(int64_t t, int64_t j, float* dst) const {
 #ifdef HELIOS_SIMD
-    for (int64_t k = 0; k < K; k += simd::kLanes) simd::store(dst + k, load(t, j, k));
+    // group by group, walking the row's groups (kNR groups apart): the wide kernel dequantizes every weight once
+    // per call, and per-vector index arithmetic (load) made int8 slower than float32 at 32 rows
+    const uint8_t* b = row(t, 0, j);
+    const float *s = scale + at(t, 0, j), *m = minimum + at(t, 0, j);
+    for (int64_t g = 0; g < groups(); ++g, b += kNR * kGroupBytes, s += kNR, m += kNR) {
+      const simd::Vec sv = simd::broadcast(*s), mv = simd::broadcast(*m);
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < kGroup; i += simd::kLanes)
+        simd::store(dst + g * kGroup + i, simd::fma(simd::from_bytes(group_bytes(b, i)), sv, mv));
+    }
 #else
     for (int64_t g = 0; g < groups(); ++g) {
       const uint8_t* b = row(t, g, j);

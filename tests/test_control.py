@@ -337,6 +337,32 @@ def test_greedy_probes_through_the_fused_head_record_what_full_logits_give(peake
     assert fused.prompt_nats == pytest.approx(full.prompt_nats, rel=1e-5)
 
 
+def test_profiling_times_the_exit_check_alone_on_the_first_steps_then_every_eighth():
+    """A timed step reads the LM head twice (the check alone, then the probes): only CHECK_TIMED steps and then one
+    in CHECK_EVERY may do that (a counter that stopped advancing on timed steps once timed every step after the
+    11th, doubling the head reads of a 32-token profile)."""
+    from helios.engine.probes import CHECK_EVERY, CHECK_TIMED, ProbeLog
+
+    class Model:  # two rows, every probe agrees with the last layer
+        def greedy_head(self, rows):
+            self.head_reads += 1
+            return torch.zeros(2, dtype=torch.long), torch.ones(2)
+
+        def exit_head_batch(self, states):
+            self.head_reads += 1
+            return {key: (torch.zeros(2, dtype=torch.long), torch.ones(2), torch.zeros(2), torch.zeros(2))
+                    for key in states}
+
+    model, log = Model(), ProbeLog((1, 2))
+    model.head_reads = 0
+    steps = 40
+    for _ in range(steps):
+        log.record_greedy(model, {1: torch.zeros(2, 4), 2: torch.zeros(2, 4)}, torch.zeros(2, 4))
+    timed = CHECK_TIMED + (steps - CHECK_TIMED) // CHECK_EVERY
+    assert (log.check_steps, log.untimed_steps) == (timed, steps - timed)
+    assert model.head_reads == steps + timed and log.tokens == 2 * steps and log.agree[1] == [True] * (2 * steps)
+
+
 @pytest.mark.parametrize("kind,quantization", [("llama", None), ("opt", None), ("llama_tied", None),
                                                ("llama", "int8")])
 def test_prompt_nats_equal_a_float64_log_softmax(peaked_checkpoints, kind, quantization):

@@ -58,7 +58,8 @@ class ProbeLog:
         """Greedy rows (CPU): (token, p1) of the last layer and every probe exit through the fused head in one read
         of the LM head, no [batch, vocab] logits. The first CHECK_TIMED steps, then every CHECK_EVERY-th, time the
         last layer's head alone instead (one exit check on these rows: seconds_per_check) and the probes apart."""
-        if self.check_steps < CHECK_TIMED or self.untimed_steps % CHECK_EVERY == CHECK_EVERY - 1:
+        step = self.check_steps + self.untimed_steps  # probed steps before this one
+        if self.check_steps < CHECK_TIMED or (step - CHECK_TIMED) % CHECK_EVERY == CHECK_EVERY - 1:
             start = time.perf_counter()
             token, p1 = model.greedy_head(rows)
             self.add_check_time(time.perf_counter() - start)

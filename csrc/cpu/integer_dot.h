@@ -32,6 +32,7 @@ constexpr bool kAvailable = false;
 #endif
 constexpr int64_t kGroup = 32;
 
+#ifdef HELIOS_INTEGER_DOT
 // x [M, K] (K a multiple of kGroup) rounded to int8 per group, in the kernel's layout.
 struct QuantizedRows {
   std::vector<int32_t> q;   // [K / 4, Mp]: four int8 of row m at k..k+3
@@ -73,7 +74,6 @@ inline QuantizedRows& scratch() {
   return rows;
 }
 
-#ifdef HELIOS_INTEGER_DOT
 // Four stored integers of a weight row at k = 4 * quad within a group, as the unsigned bytes of one int32.
 template <int Bits>
 inline int32_t weight_quad(const uint8_t* group, int quad) {

@@ -4,9 +4,11 @@ scale and minimum per group (w ≈ q * scale + minimum).
 Weights are quantized once at load; activations stay float32 and the kernels (helios._C int8_linear /
 int4_linear) dequantize tiles on the fly. "w8a8" / "w4a8" store the same weights and, from integer_dot_rows() to 48
 rows per call, round the activations to int8 per group of 32 (llama.cpp's Q8_0) for AVX-512 VNNI integer dot
-products: about 1.8x faster linears at 32 rows, at a measurable cost in greedy agreement (README). At decode batch sizes a linear's cost is reading its weights, so int8
-reads ~5/16 (1.25 bytes per weight) and int4 ~3/16 (0.75 bytes) of the float32 bytes. The dequantize_* functions
-are the oracle: a quantized linear must equal F.linear with the dequantized weight up to float32 summation order.
+products: about 1.8x faster linears at 32 rows, at a measurable cost in greedy agreement (README).
+At decode batch sizes a linear's cost is reading its weights, so int8 reads ~5/16 (1.25 bytes per weight) and int4
+~3/16 (0.75 bytes) of the float32 bytes. The dequantize_* functions are the oracle: a quantized linear must equal
+F.linear with the dequantized weight (w8a8 / w4a8: and the rounded input, as_multiplied) up to float32 summation
+order.
 
 int4 is the Q4_1 scheme of llama.cpp: per group, scale = (max - min) / 15, q = round((w - min) / scale) in 0..15.
 Bytes: group g's 32 values in 16 bytes, byte i = q[i] | q[16 + i] << 4.

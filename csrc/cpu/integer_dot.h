@@ -38,12 +38,12 @@ struct QuantizedRows {
   std::vector<int32_t> q;   // [K / 4, Mp]: four int8 of row m at k..k+3
   std::vector<float> scale;  // [K / 32, Mp]: xs
   std::vector<float> qsum;   // [K / 32, Mp]: xs * Σ q over the group
-  int64_t M = 0, Mp = 0, K = 0;
+  int64_t Mp = 0;  // rows padded to whole vectors
 };
 
 inline void quantize_rows(const float* x, int64_t M, int64_t K, QuantizedRows& out) {
   const int64_t Mp = gemm::padded_rows(M), groups = K / kGroup;
-  out.M = M, out.Mp = Mp, out.K = K;
+  out.Mp = Mp;
   out.q.assign(K / 4 * Mp, 0);
   out.scale.assign(groups * Mp, 0.f);
   out.qsum.assign(groups * Mp, 0.f);
@@ -155,9 +155,10 @@ void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const
   QuantizedRows& xq = scratch();
   quantize_rows(x, M, w.K, xq);
   const int64_t n_begin = t_begin * gemm::kNR, n_end = std::min(t_end * gemm::kNR, epi.N);
-  for (int64_t m0 = 0; m0 < M; m0 += 48) {
-    const int64_t rows = std::min<int64_t>(48, M - m0);
-    gemm::with_count<3>((rows + 15) / 16, [&](auto mv) {
+  constexpr int64_t kBlock = gemm::kWideVectors * 16;  // input rows per block: MV <= kWideVectors vectors
+  for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+    const int64_t rows = std::min<int64_t>(kBlock, M - m0);
+    gemm::with_count<gemm::kWideVectors>((rows + 15) / 16, [&](auto mv) {
       constexpr int NR = 12 / mv.value;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += NR)
         block<mv.value>(xq, m0, rows, w, n0, std::min<int64_t>(NR, n_end - n0), epi);

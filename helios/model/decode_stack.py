@@ -13,11 +13,12 @@ import os
 import torch
 
 from helios.ops import AttentionMetadata
+from helios.ops.quant import WEIGHT_FORMAT
 
 MAX_TOKENS = 48  # csrc/cpu/gemm.h kSmallM
 
 
-WEIGHT_BITS = {None: 32, "int8": 8, "int4": 4, "w8a8": 8, "w4a8": 4}
+WEIGHT_BITS = {None: 32, **{q: 8 if f == "int8" else 4 for q, f in WEIGHT_FORMAT.items()}}
 QUANT_GROUP = 32  # helios.ops.quant.GROUP: a quantized stack multiplies unpadded activations
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from helios.ops.linear import Linear, plain_linear_supported
 from helios.ops.norm import Norm
-from helios.ops.quant import QuantizedLinear
+from helios.ops.quant import QuantizedLinear, rounds_activations
 
 # vocabulary rows per chunk: [B, 32768] fp32 transient instead of [B, vocab]. Larger chunks were never slower on
 # 2 CPU cores (Gemma 3's 262k head, batch 16: 58 ms per head pass at 32768 rows vs 67 ms at 8192; SmolLM2's 49k:
@@ -40,7 +40,7 @@ class PackedHead:
         self.weight: torch.Tensor | None = None  # plain float32 [vocab, d], read by helios._C (CPU)
         self.quantized: QuantizedLinear | None = None  # the whole head as int8
         if quantization is not None:  # int8 weights; w8a8 / w4a8 models round the head's rows as their layers do
-            self.quantized = QuantizedLinear(lm_head, None, "w8a8" if quantization in ("w8a8", "w4a8") else "int8")
+            self.quantized = QuantizedLinear(lm_head, None, "w8a8" if rounds_activations(quantization) else "int8")
             self.chunks = [(0, self.quantized)]
             return
         if plain_linear_supported(lm_head):

@@ -29,8 +29,14 @@ import torch.nn.functional as F
 # weight-only int8 / int4, and the same weights with activations rounded to int8 in batched calls (w8a8 / w4a8)
 WEIGHT_FORMAT = {"int8": "int8", "int4": "int4", "w8a8": "int8", "w4a8": "int4"}
 QUANTIZATIONS = tuple(WEIGHT_FORMAT)
+SMALL_ROWS = 48  # csrc/cpu/gemm.h kSmallM: the most rows a call multiplies with the register-blocked kernels
 GROUP = 32  # input features per scale/minimum (csrc/cpu/quant_ops.cpp kGroup)
 TILE_ROWS = 4  # output rows interleaved per tile (csrc/cpu/quant_ops.cpp: one tile is one sequential stream)
+
+
+def rounds_activations(quantization: str | None) -> bool:
+    """Whether this quantization rounds activations to int8 for integer dot products (w8a8 / w4a8)."""
+    return quantization is not None and WEIGHT_FORMAT[quantization] != quantization
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -122,7 +128,7 @@ class QuantizedLinear:
             raise ValueError(f"quantized linears run on CPU only, not on {weight.device.type}")
         self.quantization = quantization
         self.weight_format = WEIGHT_FORMAT[quantization]  # how the weight is stored: "int8" or "int4"
-        self.round_activations = self.weight_format != quantization  # w8a8 / w4a8 (integer dot products)
+        self.round_activations = rounds_activations(quantization)  # w8a8 / w4a8 (integer dot products)
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = None if bias is None else bias.float().contiguous()
@@ -184,5 +190,5 @@ def as_multiplied(x: torch.Tensor, round_activations: bool) -> torch.Tensor:
     """x [M, K] in float64 as the int8/int4 kernels multiply it in one call: with round_activations (w8a8 / w4a8),
     rounded by quantize_activations where they take integer dot products (integer_dot_rows() to 48 rows), else as
     it is."""
-    rounded = round_activations and 0 < integer_dot_rows() <= x.shape[0] <= 48
+    rounded = round_activations and 0 < integer_dot_rows() <= x.shape[0] <= SMALL_ROWS
     return quantize_activations(x) if rounded else x.double()

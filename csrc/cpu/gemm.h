@@ -31,6 +31,14 @@ struct Epilogue {
     if (residual) v += residual[m * N + n];
     out[m * N + n] = v;
   }
+  // Out rows m0..m0+rows-1, columns n0..n0+valid-1 from a block computed transposed (block[r * stride + m]), written
+  // row by row: column by column, every element went to another output row (N floats apart), and where N * 4 bytes
+  // is a multiple of 4 KiB (gate_up's 3072) all those rows share one L1 set, so each store missed (1.3x the time of
+  // a whole wide gate_up call at 32 rows).
+  void put_transposed(int64_t m0, int64_t rows, int64_t n0, int64_t valid, const float* block, int64_t stride) const {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t r = 0; r < valid; ++r) put(m0 + m, n0 + r, block[r * stride + m]);
+  }
 };
 
 // Calls f(std::integral_constant<int, I>{}) with I = n, for n in 1..Max (register-blocked kernels are instantiated
@@ -145,8 +153,7 @@ void wide_block(const float* xt, int64_t Mp, int64_t m0, int64_t rows, const flo
   alignas(64) float out[NR][MV * simd::kLanes];
   for (int r = 0; r < NR; ++r)
     for (int v = 0; v < MV; ++v) simd::store(&out[r][v * simd::kLanes], acc[r][v]);
-  for (int64_t r = 0; r < valid; ++r)
-    for (int64_t m = 0; m < rows; ++m) epi.put(m0 + m, n0 + r, out[r][m]);
+  epi.put_transposed(m0, rows, n0, valid, &out[0][0], MV * simd::kLanes);
 }
 
 // Per-thread buffers of the wide kernel (grown, never shrunk: no allocation per call once warm).

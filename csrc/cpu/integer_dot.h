@@ -142,8 +142,7 @@ void block(const QuantizedRows& x, int64_t m0, int64_t rows, const Tiles& w, int
   alignas(64) float out[NR][MV * 16];
   for (int r = 0; r < NR; ++r)
     for (int v = 0; v < MV; ++v) _mm512_store_ps(&out[r][16 * v], acc[r][v]);
-  for (int64_t r = 0; r < valid; ++r)
-    for (int64_t m = 0; m < rows; ++m) epi.put(m0 + m, n0 + r, out[r][m]);
+  epi.put_transposed(m0, rows, n0, valid, &out[0][0], MV * 16);
 }
 #endif
 

@@ -49,6 +49,18 @@ def test_quantized_linear_matches_oracle(quantization, out_features, in_features
     assert torch.allclose(linear.add(x, residual), got + residual, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_prefill_of_a_weight_larger_than_one_slab(quantization):
+    """Prefill dequantizes 8 Mi floats of weight at a time (an LM head is larger): 131,075 x 64 takes two slabs,
+    the second one short, its last tile partial; bias and residual land in every slab's columns."""
+    linear = QuantizedLinear(randn(131_075, 64), randn(131_075, seed=2), quantization)
+    x, residual = randn(49, 64, seed=1), randn(49, 131_075, seed=3)
+    oracle = quantized_linear_reference(x, linear)
+    got = linear.add(x, residual)
+    assert got.shape == (49, 131_075)
+    assert (got.double() - residual.double() - oracle).abs().max() <= 1e-5 * (x.abs() @ linear.dequantized().abs().T).max()
+
+
 def test_activations_round_to_int8_per_group_of_32():
     x = randn(5, 70) * torch.logspace(-3, 3, 70)  # groups of very different ranges; 70: a zero-padded last group
     x[1] = 0.0

@@ -17,7 +17,8 @@ import time
 def run_helios(job: dict):
     from helios import LLM, SamplingParams
 
-    llm = LLM(job["model"], dtype="float32", quantization=job.get("quantization"), max_num_seqs=max(job["batches"]))
+    llm = LLM(job["model"], dtype="float32", quantization=job.get("quantization"), max_num_seqs=max(job["batches"]),
+              kv_cache_dtype=job.get("kv_cache_dtype", "auto"))
 
     def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         llm.reset_prefix_cache()

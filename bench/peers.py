@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--per-layer", action="store_true",
                         help="also run each helios engine without the fused decode stack (HELIOS_DECODE_STACK=0; "
                              "labels ending in -per-layer)")
+    parser.add_argument("--kv-cache-dtype", nargs="*", default=[],
+                        help="also run each helios engine with this KV cache dtype, e.g. float16 (labels ending in "
+                             "-kv-float16)")
     parser.add_argument("--gguf-dir", default=str(Path(tempfile.gettempdir()) / "helios-peers-gguf"))
     args = parser.parse_args()
 
@@ -149,6 +152,9 @@ def main() -> None:
     helios_engines = [e for e in engines if e[0].startswith("helios")]
     if args.per_layer:  # the per-layer decode path the stack replaced, in the same run
         engines += [(f"{label}-per-layer", python, {**job, "env": {"HELIOS_DECODE_STACK": "0"}})
+                    for label, python, job in helios_engines]
+    for kv_cache_dtype in args.kv_cache_dtype:  # a 16-bit cache under the float32 model: half the attention reads
+        engines += [(f"{label}-kv-{kv_cache_dtype}", python, {**job, "kv_cache_dtype": kv_cache_dtype})
                     for label, python, job in helios_engines]
     if args.omp_active:  # helios as README "CPU threads" advises for a machine dedicated to it: spinning threads
         engines += [(f"{label}-active", python, {**job, "env": {"OMP_WAIT_POLICY": "ACTIVE"}})

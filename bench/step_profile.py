@@ -9,11 +9,13 @@ it, per phase of a layer (thread 0's work and its wait at the barrier after each
 HELIOS_DECODE_STACK=0 profiles the per-layer path instead.
 helios' default OpenMP wait policy (PASSIVE) applies unless OMP_WAIT_POLICY is set; the JSON records which.
 Usage: python bench/step_profile.py [--quantization none int8 int4 w8a8 w4a8] [--batch-sizes 1 32] [--steps 24]
+                                    [--kv-cache-dtype auto float16]  (each weight format with each cache dtype)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"])
     args = parser.parse_args()
 
     from helios import LLM
@@ -111,9 +114,11 @@ def main() -> None:
     policy = os.environ.get("OMP_WAIT_POLICY")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); OMP_WAIT_POLICY={policy}")
     results = {}
-    for quantization in args.quantization:
+    for quantization, kv_cache_dtype in itertools.product(args.quantization, args.kv_cache_dtype):
         q = None if quantization == "none" else quantization
-        llm = LLM("smollm2-135m", dtype="float32", quantization=q, max_num_seqs=max(args.batch_sizes))
+        llm = LLM("smollm2-135m", dtype="float32", quantization=q, max_num_seqs=max(args.batch_sizes),
+                  kv_cache_dtype=kv_cache_dtype)
+        label = quantization if kv_cache_dtype == "auto" else f"{quantization}, {kv_cache_dtype} KV"
         tokenizer = llm.get_tokenizer()
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)
@@ -126,8 +131,8 @@ def main() -> None:
             row = profile_steps(llm, prompts[:b], args.steps)
             row |= {"weight_bytes": weight_bytes, "floor_ms": floor_ms,
                     "tokens_per_s": b * 1e3 / row["ms_per_step"]}
-            results[f"{quantization}-b{b}"] = row
-            print(f"\n{quantization} batch {b}: {row['ms_per_step']:.1f} ms/step (min {row['ms_per_step_min']:.1f}), "
+            results[f"{quantization}-b{b}" + ("" if kv_cache_dtype == "auto" else f"-kv-{kv_cache_dtype}")] = row
+            print(f"\n{label} batch {b}: {row['ms_per_step']:.1f} ms/step (min {row['ms_per_step_min']:.1f}), "
                   f"floor {floor_ms:.1f} ms ({weight_bytes / 2**20:.0f} MiB of weights), "
                   f"ops {row['op_ms_per_step']:.1f} ms, rest {row['ms_per_step'] - row['op_ms_per_step']:.1f} ms; "
                   f"prefill of {row['prompt_tokens']} tokens {row['prefill_s']:.2f} s")

@@ -88,7 +88,9 @@ at::Tensor decode_stack_timing_cpu(bool enable);
 // products (cpu/integer_dot.h), up to 48 rows; 0 where this build has none (no AVX-512 VNNI).
 int64_t integer_dot_rows_cpu();
 
-// Shared argument checks (same messages on every device).
+// Shared argument checks (same messages on every device). A float16 / bfloat16 cache under float32 keys, values
+// and queries passes them (kv_cache_dtype; CPU only).
+bool narrower_cache(at::ScalarType values, at::ScalarType cache);
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping);
 void check_paged_attention_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,

@@ -28,11 +28,15 @@ def _add_engine_args(parser: argparse.ArgumentParser, several_models: bool = Fal
     parser.add_argument("--num-layers", type=int, default=None, help="load only decoder layers 1..N")
     parser.add_argument("--memory-budget", default=None, help="bytes or e.g. 2GiB for weights + activations + KV")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--quantization", default=None, help="int8, int4, w8a8 or w4a8 (CPU; default: none)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="auto (the model's dtype), or float16 / bfloat16 under a float32 model (CPU)")
 
 
 def _engine_kwargs(args) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, num_layers=args.num_layers,
-                memory_budget=args.memory_budget, max_model_len=args.max_model_len)
+                memory_budget=args.memory_budget, max_model_len=args.max_model_len,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 
 
 PROMPT_FIELDS = ("prompt", "text", "question", "document")  # the first present is the prompt (gsm8k: question)

@@ -39,6 +39,7 @@ class EngineConfig:
     early_exit: ExitConfig | None = None
     load_format: str = "auto"
     quantization: str | None = None  # weight-only "int8" / "int4"; "w8a8" / "w4a8" also round activations (CPU)
+    kv_cache_dtype: str | torch.dtype = "auto"  # the model's dtype; float16 / bfloat16 under a float32 model (CPU)
     # vLLM's constructor names, honoured or refused with what helios does instead
     tokenizer: str | Path | None = None
     gpu_memory_utilization: float | None = None
@@ -68,6 +69,8 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check_quantization(self.quantization)
+        if not isinstance(self.kv_cache_dtype, (str, torch.dtype)):
+            raise TypeError(f"kv_cache_dtype must be a string or torch.dtype, got {type(self.kv_cache_dtype).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, Path)):

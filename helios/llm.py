@@ -42,6 +42,9 @@ class LLM:
     linear (decode batches of 16+, short prefills) activations rounded to int8 per group of 32 (llama.cpp's Q8_0)
     for integer dot products (AVX-512 VNNI; elsewhere as int8 / int4): faster at batch 16-48, greedy tokens drift
     from float32 sooner.
+    kv_cache_dtype="auto" keeps the KV cache in the model's dtype; "float16" | "bfloat16" under a float32 model
+    (CPU) halves its bytes: twice the sequences in a memory budget and half the attention's reads per decode step,
+    keys and values rounded as they are stored (greedy tokens may drift from float32's; see the README).
     vLLM's names: tokenizer (a tokenizer directory other than the model's), gpu_memory_utilization (CUDA: the
     share of GPU memory for weights + activations + KV), seed, enforce_eager (helios always runs eagerly),
     trust_remote_code (helios never runs checkpoint code), tensor_parallel_size (1: helios runs on one device).
@@ -60,7 +63,7 @@ class LLM:
                  max_num_seqs: int = 256, max_model_len: int | None = None, num_layers: int | None = None,
                  max_num_batched_tokens: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
                  early_exit: ExitConfig | None = None, load_format: str = "auto", *,
-                 quantization: str | None = None,
+                 quantization: str | None = None, kv_cache_dtype: str | torch.dtype = "auto",
                  tokenizer: str | Path | None = None, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
                  slo: SLO | str | dict | None = None, repository: str | Path | None = None):
@@ -77,7 +80,8 @@ class LLM:
                               max_model_len=max_model_len, num_layers=num_layers,
                               max_num_batched_tokens=max_num_batched_tokens, seed=seed,
                               enable_prefix_caching=enable_prefix_caching, early_exit=early_exit,
-                              load_format=load_format, quantization=quantization, tokenizer=tokenizer,
+                              load_format=load_format, quantization=quantization,
+                              kv_cache_dtype=kv_cache_dtype, tokenizer=tokenizer,
                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                               trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size)
         if controlled:

@@ -183,6 +183,46 @@ def test_store_kv_matches_reference_and_skips_padding(device, dtype):
     assert torch.equal(caches[0].view(-1, kv_heads, dim)[untouched], expected[0].view(-1, kv_heads, dim)[untouched])
 
 
+NARROW_CACHES = [torch.float16, torch.bfloat16]  # kv_cache_dtype under a float32 model (CPU)
+
+
+@pytest.mark.parametrize("cache_dtype", NARROW_CACHES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window", [-1, 6])
+def test_float32_queries_over_a_narrower_cache_match_the_oracle(case, cache_dtype, window):
+    """The float64 oracle over the cache's own (rounded) values, to float32's tolerance: the kernel reads 16-bit
+    values exactly (the vector path for head_dim 32 / 64 / 256, the scalar one for 8 / 17 / 24 / 80)."""
+    seq_lens, q_lens, heads, kv_heads, dim, block_size = case
+    query, kc, vc, meta = random_batch(seq_lens, q_lens, heads, kv_heads, dim, block_size, torch.float32)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    got = ext_paged_attention(query, kc, vc, meta, dim**-0.5, window)
+    assert got.dtype == torch.float32
+    want = reference(query, kc, vc, meta, dim**-0.5, window)
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[torch.float32], rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", NARROW_CACHES)
+def test_store_kv_rounds_float32_into_a_narrower_cache(cache_dtype):
+    g = torch.Generator().manual_seed(2)
+    key, value = torch.randn(2, 9, 3, 11, generator=g)
+    slots = torch.tensor([4, 0, -1, 17, 3, 8, 12, 1, 9])
+    caches = [torch.zeros(4, 5, 3, 11, dtype=cache_dtype) for _ in range(2)]
+    torch.ops.helios.store_kv(key, value, caches[0], caches[1], slots)
+    kept = slots >= 0
+    assert torch.equal(caches[0].view(-1, 3, 11)[slots[kept]], key[kept].to(cache_dtype))
+    assert torch.equal(caches[1].view(-1, 3, 11)[slots[kept]], value[kept].to(cache_dtype))
+
+
+def test_cache_ops_reject_a_wider_cache_than_their_values():
+    """Only float32 values over a float16 / bfloat16 cache mix dtypes; the other way round is an error."""
+    half = torch.ones(1, 1, 8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="must equal the cache dtype"):
+        torch.ops.helios.store_kv(half, half, torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), torch.tensor([0]))
+    query, kc, vc, meta = random_batch([3], [1], 1, 1, 8, 4, torch.float16)
+    with pytest.raises(RuntimeError, match="must equal the query's"):
+        ext_paged_attention(query, kc.float(), vc.float(), meta, 1.0, -1)
+
+
 def test_store_kv_rejects_slot_outside_cache():
     cache = torch.zeros(2, 4, 1, 8)
     kv = torch.ones(1, 1, 8)

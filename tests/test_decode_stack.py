@@ -43,13 +43,15 @@ def stack_checkpoints(checkpoints, tmp_path_factory):
     return paths
 
 
-def _generate(path, prompts, monkeypatch, stack: bool, quantization: str | None = None):
+def _generate(path, prompts, monkeypatch, stack: bool, quantization: str | None = None,
+              kv_cache_dtype: str = "auto"):
     from helios import LLM, SamplingParams
 
     monkeypatch.setenv("HELIOS_DECODE_STACK", "1" if stack else "0")
     calls = []
     monkeypatch.setattr(llama_module, "decode_layers", lambda *a: calls.append(a[2].shape[0]) or DECODE_LAYERS(*a))
-    llm = LLM(path, dtype="float32", kv_cache_blocks=512, max_num_seqs=64, quantization=quantization)
+    llm = LLM(path, dtype="float32", kv_cache_blocks=512, max_num_seqs=64, quantization=quantization,
+              kv_cache_dtype=kv_cache_dtype)
     assert llm.engine.model.use_stack == stack
     # lengths 8..31: the batch shrinks as requests finish (60 rows: per-layer steps, then stack steps)
     params = [SamplingParams(max_tokens=8 + i % 24, temperature=0, ignore_eos=True, logprobs=0)
@@ -84,6 +86,24 @@ def test_quantized_stack_generates_what_the_quantized_per_layer_path_generates(s
     assert calls and got_ids == want_ids
     for got, want in zip(got_lp, want_lp, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["llama", "odd_llama", "mistral_window"])
+@pytest.mark.parametrize("batch", [1, 20])
+def test_stack_over_a_narrower_cache_generates_what_the_per_layer_path_generates(stack_checkpoints, monkeypatch,
+                                                                                  kv_cache_dtype, kind, batch):
+    """kv_cache_dtype: both paths round K/V to the cache's type as they store them and read them back exactly. The
+    two paths' float32 K/V differ in their last bits (summation order), which now and then rounds an element to the
+    neighbouring 16-bit value: log-probabilities agree to about that step (bfloat16's is 8x float16's)."""
+    prompts = [PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)) for i in range(batch)]
+    path = stack_checkpoints[kind]
+    want_ids, want_lp, _ = _generate(path, prompts, monkeypatch, stack=False, kv_cache_dtype=kv_cache_dtype)
+    got_ids, got_lp, calls = _generate(path, prompts, monkeypatch, stack=True, kv_cache_dtype=kv_cache_dtype)
+    assert calls and got_ids == want_ids
+    tolerance = {"float16": 5e-4, "bfloat16": 2e-3}[kv_cache_dtype]
+    for got, want in zip(got_lp, want_lp, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=tolerance, rtol=0)
 
 
 def test_stack_writes_the_per_layer_paths_kv(stack_checkpoints, monkeypatch):

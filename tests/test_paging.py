@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helios import LLM, SamplingParams
 from tests.conftest import PROMPTS
@@ -40,6 +41,30 @@ def test_kv_bytes_scale_with_loaded_layers_and_blocks_grow(checkpoints):
         assert part["kv_blocks_total"] > full["kv_blocks_total"]
         assert part["kv_cache_bytes"] <= budget - part["weight_bytes"]
     assert full["kv_blocks_total"] > 0
+
+
+def test_a_16_bit_kv_cache_halves_the_bytes_per_token_and_holds_more_blocks(checkpoints):
+    budget = 3 * 2**20
+    sizes = {kv: LLM(checkpoints["llama"], dtype="float32", memory_budget=budget, max_num_seqs=4,
+                     max_num_batched_tokens=64, kv_cache_dtype=kv) for kv in ("auto", "float16", "bf16")}
+    stats = {kv: llm.stats() for kv, llm in sizes.items()}
+    assert [stats[kv]["kv_cache_dtype"] for kv in sizes] == ["float32", "float16", "bfloat16"]
+    for kv in ("float16", "bf16"):
+        assert sizes[kv].engine.kv_cache.pool.dtype == {"float16": torch.float16, "bf16": torch.bfloat16}[kv]
+        assert 2 * stats[kv]["kv_bytes_per_token"] == stats["auto"]["kv_bytes_per_token"]
+        assert stats[kv]["kv_blocks_total"] > 1.9 * stats["auto"]["kv_blocks_total"]
+        assert stats[kv]["kv_cache_bytes"] <= budget - stats[kv]["weight_bytes"]
+
+
+def test_kv_cache_dtype_names_what_is_wrong(checkpoints):
+    with pytest.raises(ValueError, match="kv_cache_dtype='int8' is not supported"):
+        LLM(checkpoints["llama"], kv_cache_blocks=16, kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="for float32 models"):
+        LLM(checkpoints["llama"], dtype="bfloat16", kv_cache_blocks=16, kv_cache_dtype="float16")
+    with pytest.raises(TypeError, match="kv_cache_dtype must be a string or torch.dtype"):
+        LLM(checkpoints["llama"], kv_cache_blocks=16, kv_cache_dtype=16)
+    assert LLM(checkpoints["llama"], dtype="bfloat16", kv_cache_blocks=16,
+               kv_cache_dtype=torch.bfloat16).stats()["kv_cache_dtype"] == "bfloat16"  # the model's own: fine
 
 
 def test_truncated_load_reads_only_its_layers(checkpoints, monkeypatch):

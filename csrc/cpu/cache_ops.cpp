@@ -14,6 +14,11 @@
 
 namespace helios {
 
+// float32 keys and values (and queries) over a float16 / bfloat16 cache: the kv_cache_dtype option.
+bool narrower_cache(at::ScalarType values, at::ScalarType cache) {
+  return values == at::kFloat && (cache == at::kHalf || cache == at::kBFloat16);
+}
+
 void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "store_kv: key/value must be [tokens, kv_heads, head_dim]");
@@ -22,8 +27,11 @@ void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const a
               "store_kv: caches must be [num_blocks, block_size, kv_heads, head_dim] of one shape");
   TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
               "store_kv: cache heads/head_dim do not match key");
-  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == value_cache.scalar_type(),
-              "store_kv: key/value dtype must equal the cache dtype");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
+              "store_kv: key and value (and the two caches) must share a dtype");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() || narrower_cache(key.scalar_type(), key_cache.scalar_type()),
+              "store_kv: key/value dtype (", key.scalar_type(), ") must equal the cache dtype (", key_cache.scalar_type(),
+              "), or be float32 over a float16 / bfloat16 cache");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "store_kv: caches must be contiguous");
   TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
                   value.stride(1) == value.size(2),
@@ -36,6 +44,9 @@ void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const a
 void store_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                   const at::Tensor& slot_mapping) {
   check_store_kv_args(key, value, key_cache, value_cache, slot_mapping);
+  if (key.scalar_type() != key_cache.scalar_type())  // rounded to the cache's type (ATen's vectorized copy), then stored
+    return store_kv_cpu(key.to(key_cache.scalar_type()), value.to(value_cache.scalar_type()), key_cache, value_cache,
+                        slot_mapping);
   const int64_t tokens = key.size(0);
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t row_bytes = key.size(1) * key.size(2) * key.element_size();
@@ -72,8 +83,11 @@ void check_paged_attention_args(const at::Tensor& out, const at::Tensor& query, 
               "paged_attention: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
   TORCH_CHECK(key_cache.size(3) == query.size(2), "paged_attention: head_dim of query and cache differ");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "paged_attention: heads must be a multiple of kv_heads");
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
-              "paged_attention: query and cache dtypes differ");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type() &&
+                  (key_cache.scalar_type() == query.scalar_type() ||
+                   narrower_cache(query.scalar_type(), key_cache.scalar_type())),
+              "paged_attention: the cache dtype (", key_cache.scalar_type(), ") must equal the query's (",
+              query.scalar_type(), "), or be float16 / bfloat16 under float32 queries");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "paged_attention: block_tables must be contiguous int32 [seqs, max_blocks]");
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == block_tables.size(0),
@@ -85,14 +99,14 @@ void check_paged_attention_args(const at::Tensor& out, const at::Tensor& query, 
 
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, typename cache_t>
 void paged_attention_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const int32_t* tables, int64_t max_blocks,
                           const int32_t* seq_lens, const int32_t* qsl, int64_t num_seqs, float scale,
                           int64_t window) {
   const int64_t tokens = query.size(0), heads = query.size(1), dim = query.size(2);
-  const PagedKV<scalar_t> kv{key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), key_cache.size(1),
-                             key_cache.size(2), dim, heads / key_cache.size(2)};
+  const PagedKV<cache_t> kv{key_cache.data_ptr<cache_t>(), value_cache.data_ptr<cache_t>(), key_cache.size(1),
+                            key_cache.size(2), dim, heads / key_cache.size(2)};
   const int64_t q_stride = query.stride(0);
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
   scalar_t* o_ptr = out.data_ptr<scalar_t>();
@@ -136,10 +150,16 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
     TORCH_CHECK(lens[s] <= max_blocks * key_cache.size(1), "paged_attention: sequence ", s,
                 " is longer than its block table");
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu", [&] {
-    paged_attention_impl<scalar_t>(out, query, key_cache, value_cache, block_tables.data_ptr<int32_t>(), max_blocks,
-                                   lens, qsl, num_seqs, static_cast<float>(scale), sliding_window);
-  });
+  auto run = [&](auto query_type, auto cache_type) {
+    paged_attention_impl<decltype(query_type), decltype(cache_type)>(
+        out, query, key_cache, value_cache, block_tables.data_ptr<int32_t>(), max_blocks, lens, qsl, num_seqs,
+        static_cast<float>(scale), sliding_window);
+  };
+  if (key_cache.scalar_type() == at::kHalf && query.scalar_type() == at::kFloat) return run(float{}, c10::Half{});
+  if (key_cache.scalar_type() == at::kBFloat16 && query.scalar_type() == at::kFloat)
+    return run(float{}, c10::BFloat16{});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu",
+                                  [&] { run(scalar_t{}, scalar_t{}); });
 }
 
 }  // namespace helios

@@ -97,14 +97,33 @@ struct StackLinear {
   int64_t tiles() const { return (N + gemm::kNR - 1) / gemm::kNR; }
 };
 
+// A layer's K/V caches in the pool's dtype: float32, or float16 / bfloat16 (kv_cache_dtype; values are rounded as
+// they are stored and read back as float32).
+struct LayerCache {
+  void* k;
+  void* v;
+  at::ScalarType dtype;
+  int64_t block_size, kv_heads, dim, group;
+  template <typename cache_t>
+  PagedKV<cache_t> view() const {
+    return {static_cast<const cache_t*>(k), static_cast<const cache_t*>(v), block_size, kv_heads, dim, group};
+  }
+};
+
+// f(cache_t{}) for the C++ type of a cache dtype (checked before the parallel region: one of these three).
+template <typename F>
+void with_cache_type(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kHalf) return f(c10::Half{});
+  if (dtype == at::kBFloat16) return f(c10::BFloat16{});
+  return f(float{});
+}
+
 template <typename Tiles>
 struct LayerWeights {
   const float* input_norm;
   const float* post_norm;
   StackLinear<Tiles> qkv, o_proj, gate_up, down;
-  PagedKV<float> kv;
-  float* key_cache;  // the same caches, written
-  float* value_cache;
+  LayerCache cache;
   int64_t window;
 };
 
@@ -179,7 +198,7 @@ at::Tensor run_stack(const at::Tensor& hidden, const std::vector<LayerWeights<Ti
 #else
     const int tid = 0, nt = 1;
 #endif
-    AttentionScratch scratch(a.num_heads, dim, kv_out, stack.front().kv.block_size);
+    AttentionScratch scratch(a.num_heads, dim, kv_out, stack.front().cache.block_size);
     std::vector<float> tile_buffer;  // a dequantized tile, for kernels without SIMD intrinsics
 #ifndef HELIOS_SIMD
     tile_buffer.resize(gemm::kNR * std::max(d, std::max(q_out, inter)));
@@ -220,14 +239,19 @@ at::Tensor run_stack(const at::Tensor& hidden, const std::vector<LayerWeights<Ti
         const float* c = a.cos + a.pos[t] * dim;
         const float* s = a.sin + a.pos[t] * dim;
         for (int64_t hq = g0 * group; hq < g1 * group; ++hq) rotate_row(q + hq * dim, c, s, half);
-        for (int64_t g = g0; g < g1; ++g) {
-          rotate_row(k + g * dim, c, s, half);
-          std::copy(k + g * dim, k + (g + 1) * dim, L.key_cache + a.slots[t] * kv_out + g * dim);
-          std::copy(v + g * dim, v + (g + 1) * dim, L.value_cache + a.slots[t] * kv_out + g * dim);
-        }
-        // only this unit wrote this token's K/V heads that these query heads read
-        attend_token(L.kv, q, a.tables + t * a.max_blocks, a.pos[t], L.window, a.scale, g0 * group, g1 * group,
-                     attn + t * q_out, scratch);
+        with_cache_type(L.cache.dtype, [&](auto type) {
+          using cache_t = decltype(type);
+          cache_t* k_slot = static_cast<cache_t*>(L.cache.k) + a.slots[t] * kv_out;
+          cache_t* v_slot = static_cast<cache_t*>(L.cache.v) + a.slots[t] * kv_out;
+          for (int64_t g = g0; g < g1; ++g) {
+            rotate_row(k + g * dim, c, s, half);
+            std::copy(k + g * dim, k + (g + 1) * dim, k_slot + g * dim);  // (rounded to a narrower cache type)
+            std::copy(v + g * dim, v + (g + 1) * dim, v_slot + g * dim);
+          }
+          // only this unit wrote this token's K/V heads that these query heads read
+          attend_token(L.cache.template view<cache_t>(), q, a.tables + t * a.max_blocks, a.pos[t], L.window, a.scale,
+                       g0 * group, g1 * group, attn + t * q_out, scratch);
+        });
       }
       sync(kAttention);
       {
@@ -289,16 +313,17 @@ at::Tensor decode_stack(const at::Tensor& hidden, at::TensorList weights, const 
       TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == d,
                   "decode_layers: norm weights must be contiguous float32 [", d, "]");
     const at::Tensor &kc = key_caches[l], &vc = value_caches[l];
-    TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.dim() == 4 &&
-                    kc.sizes() == vc.sizes() && kc.is_contiguous() && vc.is_contiguous() &&
-                    kc.size(2) == a.num_kv_heads && kc.size(3) == dim,
-                "decode_layers: caches must be contiguous float32 [num_blocks, block_size, ", a.num_kv_heads, ", ",
-                dim, "]");
+    const at::ScalarType cache_type = kc.scalar_type();
+    TORCH_CHECK((cache_type == at::kFloat || cache_type == at::kHalf || cache_type == at::kBFloat16) &&
+                    vc.scalar_type() == cache_type && kc.dim() == 4 && kc.sizes() == vc.sizes() &&
+                    kc.is_contiguous() && vc.is_contiguous() && kc.size(2) == a.num_kv_heads && kc.size(3) == dim,
+                "decode_layers: caches must be contiguous float32, float16 or bfloat16 [num_blocks, block_size, ",
+                a.num_kv_heads, ", ", dim, "], the key and value caches of a layer of one dtype");
     const int64_t block_size = kc.size(1), num_slots = kc.size(0) * block_size;
     for (int64_t t = 0; t < a.T; ++t)
       TORCH_CHECK(a.slots[t] >= 0 && a.slots[t] < num_slots, "decode_layers: slot ", a.slots[t],
                   " outside the cache");
-    TORCH_CHECK(stack.empty() || block_size == stack.front().kv.block_size,
+    TORCH_CHECK(stack.empty() || block_size == stack.front().cache.block_size,
                 "decode_layers: every layer's cache must have one block size");
     const int64_t P = kParts<Tiles>;
     const int64_t bias0 = l * kBiasesPerLayer;
@@ -308,9 +333,9 @@ at::Tensor decode_stack(const at::Tensor& hidden, at::TensorList weights, const 
         stack_linear<Tiles>(w + 2 + P, d, q_out, biases.get(bias0 + 1), "o_proj", a.round_activations),
         stack_linear<Tiles>(w + 2 + 2 * P, 2 * a.inter, d, biases.get(bias0 + 2), "gate_up", a.round_activations),
         stack_linear<Tiles>(w + 2 + 3 * P, d, a.inter, biases.get(bias0 + 3), "down", a.round_activations),
-        PagedKV<float>{kc.data_ptr<float>(), vc.data_ptr<float>(), block_size, a.num_kv_heads, dim,
-                       a.num_heads / a.num_kv_heads},
-        kc.data_ptr<float>(), vc.data_ptr<float>(), sliding_windows[l]});
+        LayerCache{kc.data_ptr(), vc.data_ptr(), cache_type, block_size, a.num_kv_heads, dim,
+                   a.num_heads / a.num_kv_heads},
+        sliding_windows[l]});
   }
   return run_stack(hidden, stack, a);
 }

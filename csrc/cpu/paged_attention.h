@@ -9,11 +9,15 @@
 #include <type_traits>
 #include <vector>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "simd.h"
 
 namespace helios {
 
-// A layer's caches [num_blocks, block_size, kv_heads, dim]; query head h reads KV head h / group.
+// A layer's caches [num_blocks, block_size, kv_heads, dim]; query head h reads KV head h / group. The cache may be
+// held in a narrower type than the queries (float32 queries over a float16 / bfloat16 cache: kv_cache_dtype).
 template <typename scalar_t>
 struct PagedKV {
   const scalar_t* k;
@@ -82,12 +86,19 @@ inline void prefetch_block(const PagedKV<scalar_t>& kv, const int32_t* table, in
 }
 
 #ifdef HELIOS_SIMD
-// attend_token for float32 caches whose head_dim is DV whole vectors. Slots go in chunks of one vector's width:
+// kLanes cache values from p on, as float32.
+inline simd::Vec load_cached(const float* p) { return simd::load(p); }
+inline simd::Vec load_cached(const c10::Half* p) { return simd::from_half(reinterpret_cast<const uint16_t*>(p)); }
+inline simd::Vec load_cached(const c10::BFloat16* p) {
+  return simd::from_bfloat16(reinterpret_cast<const uint16_t*>(p));
+}
+
+// attend_token for float32 queries (over a float32, float16 or bfloat16 cache) whose head_dim is DV whole vectors. Slots go in chunks of one vector's width:
 // per query head, a chunk's kLanes dot products are folded into one vector of scores (simd::transpose_sum), the
 // online softmax runs on that vector, and V is accumulated in registers; the chunk's K and V rows stay in L1 for
 // all the heads that read them.
-template <int DV>
-void attend_token_vectors(const PagedKV<float>& kv, const float* q_src, const int32_t* table, int64_t pos,
+template <int DV, typename cache_t>
+void attend_token_vectors(const PagedKV<cache_t>& kv, const float* q_src, const int32_t* table, int64_t pos,
                           int64_t window, float scale, int64_t h0, int64_t h1, float* o, AttentionScratch& s) {
   constexpr int64_t W = simd::kLanes;
   const int64_t dim = DV * W, block_size = kv.block_size, group = kv.group, slot_stride = kv.slot_stride();
@@ -97,8 +108,8 @@ void attend_token_vectors(const PagedKV<float>& kv, const float* q_src, const in
   std::fill(s.acc.begin() + h0 * dim, s.acc.begin() + h1 * dim, 0.f);
   std::fill(s.run_max.begin() + h0, s.run_max.begin() + h1, kNegInf);
   std::fill(s.run_sum.begin() + h0, s.run_sum.begin() + h1, 0.f);
-  const float* k_rows[W];
-  const float* v_rows[W];
+  const cache_t* k_rows[W];
+  const cache_t* v_rows[W];
   simd::Vec part[W];
   alignas(64) float probs[W];
   for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
@@ -117,8 +128,8 @@ void attend_token_vectors(const PagedKV<float>& kv, const float* q_src, const in
         simd::Vec q[DV], acc[DV];
         for (int j = 0; j < DV; ++j) q[j] = simd::load(s.q.data() + h * dim + j * W);
         for (int64_t i = 0; i < n; ++i) {
-          simd::Vec d = simd::mul(q[0], simd::load(k_rows[i] + off));
-          for (int j = 1; j < DV; ++j) d = simd::fma(q[j], simd::load(k_rows[i] + off + j * W), d);
+          simd::Vec d = simd::mul(q[0], load_cached(k_rows[i] + off));
+          for (int j = 1; j < DV; ++j) d = simd::fma(q[j], load_cached(k_rows[i] + off + j * W), d);
           part[i] = d;
         }
         const simd::Vec scores = simd::first_or(simd::transpose_sum(part), n, kNegInf);
@@ -132,7 +143,7 @@ void attend_token_vectors(const PagedKV<float>& kv, const float* q_src, const in
           acc[j] = simd::mul(simd::load(s.acc.data() + h * dim + j * W), simd::broadcast(correction));
         for (int64_t i = 0; i < n; ++i) {
           const simd::Vec w = simd::broadcast(probs[i]);
-          for (int j = 0; j < DV; ++j) acc[j] = simd::fma(w, simd::load(v_rows[i] + off + j * W), acc[j]);
+          for (int j = 0; j < DV; ++j) acc[j] = simd::fma(w, load_cached(v_rows[i] + off + j * W), acc[j]);
         }
         for (int j = 0; j < DV; ++j) simd::store(s.acc.data() + h * dim + j * W, acc[j]);
       }
@@ -148,18 +159,18 @@ void attend_token_vectors(const PagedKV<float>& kv, const float* q_src, const in
 // Query heads [h0, h1) of one token at absolute position pos (its row q_src: heads x dim) attend over positions
 // [pos - window + 1 (or 0), pos] of its sequence (block table `table`); results go to o (the token's output row,
 // heads x dim; only heads h0..h1-1 are written). No per-call allocation, one pass over K and V.
-template <typename scalar_t>
-void attend_token(const PagedKV<scalar_t>& kv, const scalar_t* q_src, const int32_t* table, int64_t pos,
+template <typename scalar_t, typename cache_t>
+void attend_token(const PagedKV<cache_t>& kv, const scalar_t* q_src, const int32_t* table, int64_t pos,
                   int64_t window, float scale, int64_t h0, int64_t h1, scalar_t* o, AttentionScratch& s) {
   const int64_t dim = kv.dim, block_size = kv.block_size, group = kv.group, slot_stride = kv.slot_stride();
 #ifdef HELIOS_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (dim % simd::kLanes == 0 ? dim / simd::kLanes : 0) {
-      case 2: return attend_token_vectors<2>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
-      case 4: return attend_token_vectors<4>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
-      case 8: return attend_token_vectors<8>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
-      case 16: return attend_token_vectors<16>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
-      case 32: return attend_token_vectors<32>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 2: return attend_token_vectors<2, cache_t>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 4: return attend_token_vectors<4, cache_t>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 8: return attend_token_vectors<8, cache_t>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 16: return attend_token_vectors<16, cache_t>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
+      case 32: return attend_token_vectors<32, cache_t>(kv, q_src, table, pos, window, scale, h0, h1, o, s);
       default: break;  // other head sizes: the scalar path below
     }
   }

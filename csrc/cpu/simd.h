@@ -1,4 +1,4 @@
-// A small SIMD shim for the CPU kernels: float32 vectors of 16 lanes with AVX-512, 8 with AVX2 + FMA, chosen at
+// A small SIMD shim for the CPU kernels: float32 vectors of 16 lanes with AVX-512, 8 with AVX2 + FMA (+ F16C), chosen at
 // compile time (the extension is built with -march=native); HELIOS_SIMD is undefined without either, and callers
 // keep a plain-loop path.
 #pragma once
@@ -23,6 +23,14 @@ inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
 inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline __m128i load_bytes(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline Vec from_bytes(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+// kLanes IEEE half / bfloat16 values (their bits) as float32 (exact)
+inline Vec from_half(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Vec from_bfloat16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
@@ -48,7 +56,7 @@ inline Vec transpose_sum(const Vec* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 }  // namespace helios::simd
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define HELIOS_SIMD 1
 namespace helios::simd {
@@ -71,6 +79,12 @@ inline float sum(Vec v) {
 }
 inline __m128i load_bytes(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline Vec from_bytes(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+// kLanes IEEE half / bfloat16 values (their bits) as float32 (exact; every AVX2 CPU has F16C)
+inline Vec from_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec from_bfloat16(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }

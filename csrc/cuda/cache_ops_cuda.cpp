@@ -26,6 +26,7 @@ cuda::DType to_dtype(at::ScalarType t) {
 void store_kv_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                    const at::Tensor& slot_mapping) {
   check_store_kv_args(key, value, key_cache, value_cache, slot_mapping);
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "store_kv (CUDA): the cache keeps the model's dtype");
   const c10::cuda::CUDAGuard guard(key.device());
   const auto elem = key.element_size();
   TORCH_CHECK(elem == 2 || elem == 4, "store_kv: unsupported element size ", elem);
@@ -41,6 +42,7 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
   check_paged_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc);
   TORCH_CHECK(query.size(2) <= 256, "paged_attention (CUDA): head_dim > 256 is not supported");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(), "paged_attention (CUDA): the cache keeps the model's dtype");
   const c10::cuda::CUDAGuard guard(query.device());
   check_cuda(cuda::launch_paged_attention(
                  out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),

@@ -32,7 +32,7 @@ from helios.model.registry import check_supported, load_model, weight_reader
 from helios.model.source import resolve_model
 from helios.ops import PagedAttentionOps
 from helios.sampling_params import SamplingParams
-from helios.utils.device import resolve_device, resolve_dtype
+from helios.utils.device import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from helios.utils.locking import locked
 
 logger = logging.getLogger("helios")
@@ -81,6 +81,7 @@ class LLMEngine:
         probe = checkpoint.find("model.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                                 "embed_tokens.weight", "decoder.embed_tokens.weight")
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype_of(probe) if probe else None)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or self.source.path)
         if config.trust_remote_code:
             logger.warning("trust_remote_code=True changes nothing: helios serves its built-in architectures and "
@@ -126,7 +127,7 @@ class LLMEngine:
         """Sizes the KV pool for the loaded layers and builds the runner and scheduler over it."""
         config, num_layers = self.config, self.model.loaded_layers
         self.kv_bytes_per_token = kv_bytes_per_token(num_layers, self.model.num_kv_heads, self.model.head_dim,
-                                                     self.dtype)
+                                                     self.kv_cache_dtype)
         num_blocks, self.kv_sizing = kv_pool_blocks(
             device=self.device, weight_bytes=self.model.weight_bytes, activation_bytes=self._activation_bytes(),
             bytes_per_token=self.kv_bytes_per_token, block_size=config.block_size,
@@ -143,7 +144,7 @@ class LLMEngine:
             self.max_model_len = num_blocks * config.block_size
             logger.warning("max_model_len lowered to %d to fit the KV pool", self.max_model_len)
         self.kv_cache = KVCache(num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
-                                self.model.head_dim, self.dtype, self.device)
+                                self.model.head_dim, self.kv_cache_dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, seed=config.seed,
                                   exit_policy=self.exit_policy)
         self.scheduler = Scheduler(self.kv_cache.allocator, config.max_num_seqs, self.max_num_batched_tokens,
@@ -424,6 +425,7 @@ class LLMEngine:
             "architecture": self.model.model_type,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
             "total_layers": self.model.total_layers,
             "loaded_layers": self.model.loaded_layers,
             "weight_bytes": self.model.weight_bytes,

@@ -169,8 +169,9 @@ class PagedAttentionOps:
             if seq.context_slots is None:
                 k, v = key[seq.start:seq.end], value[seq.start:seq.end]
             else:
-                k = key_cache.view(-1, kv_heads, head_dim)[seq.context_slots]
-                v = value_cache.view(-1, kv_heads, head_dim)[seq.context_slots]
+                # (a float16 / bfloat16 cache under float32 queries: kv_cache_dtype)
+                k = key_cache.view(-1, kv_heads, head_dim)[seq.context_slots].to(query.dtype)
+                v = value_cache.view(-1, kv_heads, head_dim)[seq.context_slots].to(query.dtype)
             out[seq.start:seq.end] = dense_attention(q, k, v, scale, mask)
         return out
 

@@ -54,3 +54,31 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dty
     if dtype.lower() not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
     return _DTYPES[dtype.lower()]
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV pool's dtype: 'auto' = the model's. On CPU a float32 model may keep its cache as float16 or bfloat16
+    (half the KV bytes: twice the sequences in a memory budget, half the attention's reads per decode step; keys
+    and values are rounded as they are stored). CUDA kernels keep the cache in the model's dtype."""
+    if isinstance(kv_cache_dtype, str):
+        if kv_cache_dtype == "auto":
+            return dtype
+        if kv_cache_dtype.lower() not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: use 'auto', 'float32', "
+                             "'float16' or 'bfloat16'")
+        resolved = _DTYPES[kv_cache_dtype.lower()]
+    elif isinstance(kv_cache_dtype, torch.dtype):
+        if kv_cache_dtype not in set(_DTYPES.values()):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype} is not supported: use float32, float16 or bfloat16")
+        resolved = kv_cache_dtype
+    else:
+        raise TypeError(f"kv_cache_dtype must be a string or torch.dtype, got {type(kv_cache_dtype).__name__}")
+    if resolved == dtype:
+        return resolved
+    if device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} on {device.type}: the CUDA kernels keep the KV cache in "
+                         f"the model's dtype ({str(dtype).removeprefix('torch.')}); use 'auto'")
+    if dtype != torch.float32 or resolved == torch.float32:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with dtype={str(dtype).removeprefix('torch.')}: a "
+                         "narrower cache is for float32 models (float16 or bfloat16); use 'auto'")
+    return resolved

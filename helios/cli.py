@@ -133,7 +133,7 @@ def cmd_info(args) -> int:
         ("  decoder layers", format_bytes(stats["layer_bytes"])),
         ("  embedding", format_bytes(stats["embedding_bytes"])),
         ("  LM head", _head_description(stats)),
-        ("KV bytes per token", f"{stats['kv_bytes_per_token']:,}"),
+        ("KV bytes per token", f"{stats['kv_bytes_per_token']:,} ({stats['kv_cache_dtype']})"),
         ("KV pool", f"{format_bytes(stats['kv_cache_bytes'])} = {stats['kv_blocks_total']:,} blocks "
                     f"x {stats['block_size']} tokens"),
         ("max model len", f"{stats['max_model_len']:,}"),

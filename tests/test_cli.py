@@ -34,6 +34,11 @@ def test_info_reports_layers_and_memory(checkpoints, capsys):
     assert info["loaded_parameters"] > 0 and info["weight_bytes"] == 4 * info["loaded_parameters"] + head_copy
     assert main(["info", "--model", str(checkpoints["llama"]), "--num-layers", "2", "--kv-cache-blocks", "10"]) == 0
     assert "2 loaded of 4" in capsys.readouterr().out
+    assert main(["info", "--model", str(checkpoints["llama"]), "--num-layers", "2", "--kv-cache-blocks", "10",
+                 "--kv-cache-dtype", "float16", "--quantization", "int8", "--json"]) == 0
+    narrow = json.loads(capsys.readouterr().out)
+    assert narrow["kv_cache_dtype"] == "float16" and 2 * narrow["kv_bytes_per_token"] == info["kv_bytes_per_token"]
+    assert narrow["weight_bytes"] < info["weight_bytes"]  # int8 decoder linears
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

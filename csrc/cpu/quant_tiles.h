@@ -48,6 +48,9 @@ struct GroupTiles {
     return simd::fma(simd::from_bytes(group_bytes(row(t, g, j), within)), simd::broadcast(scale[at(t, g, j)]),
                      simd::broadcast(minimum[at(t, g, j)]));
   }
+  // (gemm::direct_rows asks each weight format for the next tile's data: a tile here is one sequential stream,
+  // which the hardware prefetcher follows, and at 8 rows these kernels are bound by arithmetic: nothing to ask for.)
+  void prefetch_next(int64_t, int64_t) const {}
   // The stored integers `within`..`within`+kLanes of the group at b (within a multiple of kLanes).
   static __m128i group_bytes(const uint8_t* b, int64_t within) {
     if constexpr (Bits == 8) return simd::load_bytes(b + within);

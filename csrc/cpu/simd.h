@@ -123,6 +123,13 @@ constexpr int64_t kMR = 3;
 
 #ifdef HELIOS_SIMD
 namespace helios::simd {
+// Asks for the cache line holding p[i]. A prefetch is a hint that never faults, so i may point past the array; the
+// address is an integer, not p + i: GCC 12 silently drops a __builtin_prefetch whose address went through std::min.
+template <typename T>
+inline void prefetch(const T* p, int64_t i) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + sizeof(T) * i), 0, 3);
+}
+
 // e^x for x <= 88 (inputs below -87 give ~0): x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial
 // (Cephes' expf coefficients; relative error ~2e-7), then scaled by 2^n.
 inline Vec exp(Vec x) {

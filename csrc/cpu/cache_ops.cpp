@@ -29,9 +29,10 @@ void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const a
               "store_kv: cache heads/head_dim do not match key");
   TORCH_CHECK(key.scalar_type() == value.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
               "store_kv: key and value (and the two caches) must share a dtype");
-  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() || narrower_cache(key.scalar_type(), key_cache.scalar_type()),
-              "store_kv: key/value dtype (", key.scalar_type(), ") must equal the cache dtype (", key_cache.scalar_type(),
-              "), or be float32 over a float16 / bfloat16 cache");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() ||
+                  narrower_cache(key.scalar_type(), key_cache.scalar_type()),
+              "store_kv: key/value dtype (", key.scalar_type(), ") must equal the cache dtype (",
+              key_cache.scalar_type(), "), or be float32 over a float16 / bfloat16 cache");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "store_kv: caches must be contiguous");
   TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
                   value.stride(1) == value.size(2),
@@ -44,7 +45,8 @@ void check_store_kv_args(const at::Tensor& key, const at::Tensor& value, const a
 void store_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                   const at::Tensor& slot_mapping) {
   check_store_kv_args(key, value, key_cache, value_cache, slot_mapping);
-  if (key.scalar_type() != key_cache.scalar_type())  // rounded to the cache's type (ATen's vectorized copy), then stored
+  // a narrower cache: rounded to its type (ATen's vectorized copy), then stored
+  if (key.scalar_type() != key_cache.scalar_type())
     return store_kv_cpu(key.to(key_cache.scalar_type()), value.to(value_cache.scalar_type()), key_cache, value_cache,
                         slot_mapping);
   const int64_t tokens = key.size(0);

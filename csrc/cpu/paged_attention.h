@@ -93,10 +93,10 @@ inline simd::Vec load_cached(const c10::BFloat16* p) {
   return simd::from_bfloat16(reinterpret_cast<const uint16_t*>(p));
 }
 
-// attend_token for float32 queries (over a float32, float16 or bfloat16 cache) whose head_dim is DV whole vectors. Slots go in chunks of one vector's width:
-// per query head, a chunk's kLanes dot products are folded into one vector of scores (simd::transpose_sum), the
-// online softmax runs on that vector, and V is accumulated in registers; the chunk's K and V rows stay in L1 for
-// all the heads that read them.
+// attend_token for float32 queries (over a float32, float16 or bfloat16 cache) whose head_dim is DV whole vectors.
+// Slots go in chunks of one vector's width: per query head, a chunk's kLanes dot products are folded into one
+// vector of scores (simd::transpose_sum), the online softmax runs on that vector, and V is accumulated in registers;
+// the chunk's K and V rows stay in L1 for all the heads that read them.
 template <int DV, typename cache_t>
 void attend_token_vectors(const PagedKV<cache_t>& kv, const float* q_src, const int32_t* table, int64_t pos,
                           int64_t window, float scale, int64_t h0, int64_t h1, float* o, AttentionScratch& s) {

@@ -1,5 +1,5 @@
-// A small SIMD shim for the CPU kernels: float32 vectors of 16 lanes with AVX-512, 8 with AVX2 + FMA (+ F16C), chosen at
-// compile time (the extension is built with -march=native); HELIOS_SIMD is undefined without either, and callers
+// A small SIMD shim for the CPU kernels: float32 vectors of 16 lanes with AVX-512, 8 with AVX2 + FMA + F16C, chosen
+// at compile time (the extension is built with -march=native); HELIOS_SIMD is undefined without either, and callers
 // keep a plain-loop path.
 #pragma once
 
@@ -80,7 +80,9 @@ inline float sum(Vec v) {
 inline __m128i load_bytes(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline Vec from_bytes(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 // kLanes IEEE half / bfloat16 values (their bits) as float32 (exact; every AVX2 CPU has F16C)
-inline Vec from_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec from_half(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline Vec from_bfloat16(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));

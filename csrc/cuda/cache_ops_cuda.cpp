@@ -42,7 +42,8 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
   check_paged_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc);
   TORCH_CHECK(query.size(2) <= 256, "paged_attention (CUDA): head_dim > 256 is not supported");
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(), "paged_attention (CUDA): the cache keeps the model's dtype");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(),
+              "paged_attention (CUDA): the cache keeps the model's dtype");
   const c10::cuda::CUDAGuard guard(query.device());
   check_cuda(cuda::launch_paged_attention(
                  out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),

@@ -64,27 +64,6 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
-// Asks for n elements from p on to be brought into the cache (one prefetch per 64-byte line).
-template <typename scalar_t>
-inline void prefetch_slots(const scalar_t* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(scalar_t)); i += 64) __builtin_prefetch(bytes + i, 0, 3);
-}
-
-// The start of a token's pass over one cache block: its slots [lo, hi) and their offset `base` in the pool.
-// Blocks lie anywhere in the pool, so the hardware prefetcher loses the stream at every block edge: this asks for
-// the block's V (read after the softmax) and the next block's K now, while this block's scores are computed.
-template <typename scalar_t>
-inline void prefetch_block(const PagedKV<scalar_t>& kv, const int32_t* table, int64_t block_start, int64_t lo,
-                           int64_t hi, int64_t pos, int64_t base) {
-  const int64_t slot_stride = kv.slot_stride(), block_size = kv.block_size;
-  prefetch_slots(kv.v + (base + lo - block_start) * slot_stride, (hi - lo) * slot_stride);
-  if (block_start + block_size <= pos) {
-    const int64_t next = static_cast<int64_t>(table[block_start / block_size + 1]) * block_size;
-    prefetch_slots(kv.k + next * slot_stride, std::min(block_size, pos + 1 - block_start - block_size) * slot_stride);
-  }
-}
-
 #ifdef HELIOS_SIMD
 // kLanes cache values from p on, as float32.
 inline simd::Vec load_cached(const float* p) { return simd::load(p); }
@@ -115,7 +94,6 @@ void attend_token_vectors(const PagedKV<cache_t>& kv, const float* q_src, const 
   for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
     const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
     const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
-    prefetch_block(kv, table, block_start, lo, hi, pos, base);
     for (int64_t c0 = lo; c0 < hi; c0 += W) {
       const int64_t n = std::min(W, hi - c0);
       for (int64_t i = 0; i < n; ++i) {
@@ -184,7 +162,6 @@ void attend_token(const PagedKV<cache_t>& kv, const scalar_t* q_src, const int32
   for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
     const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
     const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
-    prefetch_block(kv, table, block_start, lo, hi, pos, base);
     // scores of this block for every head (head h reads KV head h / group)
     for (int64_t p = lo; p < hi; ++p) {
       const float* k = as_float(kv.k + (base + p - block_start) * slot_stride, s.row.data(), slot_stride);

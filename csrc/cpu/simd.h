@@ -125,13 +125,6 @@ constexpr int64_t kMR = 3;
 
 #ifdef HELIOS_SIMD
 namespace helios::simd {
-// Asks for the cache line holding p[i]. A prefetch is a hint that never faults, so i may point past the array; the
-// address is an integer, not p + i: GCC 12 silently drops a __builtin_prefetch whose address went through std::min.
-template <typename T>
-inline void prefetch(const T* p, int64_t i) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + sizeof(T) * i), 0, 3);
-}
-
 // e^x for x <= 88 (inputs below -87 give ~0): x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial
 // (Cephes' expf coefficients; relative error ~2e-7), then scaled by 2^n.
 inline Vec exp(Vec x) {
@@ -150,3 +143,19 @@ inline Vec exp(Vec x) {
 }
 }  // namespace helios::simd
 #endif
+
+namespace helios::simd {
+// Asks for the cache line holding p[i] (into every cache level). A prefetch is a hint that never faults, so i may
+// point past the array (the address is computed as an integer). An asm statement, not __builtin_prefetch: GCC 12
+// silently deleted the builtin from inlined kernel code (gemm::direct_rows' next-tile prefetch; and every block
+// prefetch the paged attention had, which, once made real, did not measurably help and were removed).
+template <typename T>
+inline void prefetch(const T* p, int64_t i) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p) + sizeof(T) * i;
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 (%0)" : : "r"(address));
+#else
+  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 3);
+#endif
+}
+}  // namespace helios::simd

@@ -37,6 +37,17 @@ def test_threshold_zero_at_one_exit_equals_truncated_model(kind, k, checkpoints,
     assert llm.stats()["num_breaches"] == 0
 
 
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_exits_over_a_float16_cache_equal_the_truncated_model_over_one(kind, checkpoints):
+    """kv_cache_dtype with early exits: the K/V propagated for rows that left early are rounded into the cache like
+    any other, and still never leak into the layers the exit uses."""
+    _, truncated = run(checkpoints[kind], num_layers=2, kv_cache_dtype="float16")
+    llm, exits = run(checkpoints[kind], early_exit=ExitConfig(layers=[2], threshold=0.0), kv_cache_dtype="float16")
+    assert llm.engine.kv_cache.pool.dtype == torch.float16
+    assert [o.token_ids for o in exits] == [o.token_ids for o in truncated]
+    assert all(layer == 2 for o in exits for layer in o.exit_layers)
+
+
 @pytest.mark.parametrize("kind", ["llama_tied", "opt"])
 @pytest.mark.parametrize("confidence, threshold", [("max_prob", 0.6), ("max_prob", 0.9), ("margin", 0.5),
                                                    ("entropy", 1.0)])

@@ -69,8 +69,6 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check_quantization(self.quantization)
-        if not isinstance(self.kv_cache_dtype, (str, torch.dtype)):
-            raise TypeError(f"kv_cache_dtype must be a string or torch.dtype, got {type(self.kv_cache_dtype).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, Path)):

@@ -157,9 +157,8 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
         out, query, key_cache, value_cache, block_tables.data_ptr<int32_t>(), max_blocks, lens, qsl, num_seqs,
         static_cast<float>(scale), sliding_window);
   };
-  if (key_cache.scalar_type() == at::kHalf && query.scalar_type() == at::kFloat) return run(float{}, c10::Half{});
-  if (key_cache.scalar_type() == at::kBFloat16 && query.scalar_type() == at::kFloat)
-    return run(float{}, c10::BFloat16{});
+  if (query.scalar_type() == at::kFloat)  // over a float32 cache, or a narrower one (kv_cache_dtype)
+    return with_cache_type(key_cache.scalar_type(), [&](auto cache_type) { run(float{}, cache_type); });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu",
                                   [&] { run(scalar_t{}, scalar_t{}); });
 }

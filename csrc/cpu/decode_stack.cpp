@@ -110,14 +110,6 @@ struct LayerCache {
   }
 };
 
-// f(cache_t{}) for the C++ type of a cache dtype (checked before the parallel region: one of these three).
-template <typename F>
-void with_cache_type(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kHalf) return f(c10::Half{});
-  if (dtype == at::kBFloat16) return f(c10::BFloat16{});
-  return f(float{});
-}
-
 template <typename Tiles>
 struct LayerWeights {
   const float* input_norm;

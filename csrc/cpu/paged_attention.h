@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -18,6 +19,14 @@ namespace helios {
 
 // A layer's caches [num_blocks, block_size, kv_heads, dim]; query head h reads KV head h / group. The cache may be
 // held in a narrower type than the queries (float32 queries over a float16 / bfloat16 cache: kv_cache_dtype).
+// f(cache_t{}) with cache_t the C++ type of a float32, float16 or bfloat16 cache (the caller has checked it is one).
+template <typename F>
+void with_cache_type(c10::ScalarType dtype, F&& f) {
+  if (dtype == c10::kHalf) return f(c10::Half{});
+  if (dtype == c10::kBFloat16) return f(c10::BFloat16{});
+  return f(float{});
+}
+
 template <typename scalar_t>
 struct PagedKV {
   const scalar_t* k;

@@ -32,6 +32,7 @@ using gemm::Epilogue;
 using gemm::kNR;                     // output rows per tile: the weights are stored tile by tile (see below)
 using gemm::kSmallM;                 // up to here weights are converted in registers; above, slabs + at::mm
 using quant::kGroup;                 // group size along K (one scale and minimum each)
+
 constexpr int64_t kSlabFloats = 8 << 20;  // float32 weights dequantized at once on the at::mm path (32 MiB)
 
 // Many rows (prefill): the weight dequantized to float32 (whole, or in slabs of output rows when it is larger than

@@ -39,42 +39,38 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _named_dtype(value: str | torch.dtype, field: str) -> torch.dtype | None:
+    """The torch dtype a dtype argument names (None for 'auto'), or an error naming `field`."""
+    if isinstance(value, torch.dtype):
+        if value not in set(_DTYPES.values()):
+            raise ValueError(f"{field}={value} is not supported: use float32, bfloat16 or float16")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a string or torch.dtype, got {type(value).__name__}")
+    if value == "auto":
+        return None
+    if value.lower() not in _DTYPES:
+        raise ValueError(f"{field}={value!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return _DTYPES[value.lower()]
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
     """'auto' = float32 on CPU (exact parity; pass 'bfloat16' for speed), the checkpoint's half type on CUDA."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in set(_DTYPES.values()):
-            raise ValueError(f"dtype={dtype} is not supported: use float32, bfloat16 or float16")
-        return dtype
-    if not isinstance(dtype, str):
-        raise TypeError(f"dtype must be a string or torch.dtype, got {type(dtype).__name__}")
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    if dtype.lower() not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
-    return _DTYPES[dtype.lower()]
+    resolved = _named_dtype(dtype, "dtype")
+    if resolved is not None:
+        return resolved
+    if device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV pool's dtype: 'auto' = the model's. On CPU a float32 model may keep its cache as float16 or bfloat16
     (half the KV bytes: twice the sequences in a memory budget, half the attention's reads per decode step; keys
     and values are rounded as they are stored). CUDA kernels keep the cache in the model's dtype."""
-    if isinstance(kv_cache_dtype, str):
-        if kv_cache_dtype == "auto":
-            return dtype
-        if kv_cache_dtype.lower() not in _DTYPES:
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: use 'auto', 'float32', "
-                             "'float16' or 'bfloat16'")
-        resolved = _DTYPES[kv_cache_dtype.lower()]
-    elif isinstance(kv_cache_dtype, torch.dtype):
-        if kv_cache_dtype not in set(_DTYPES.values()):
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype} is not supported: use float32, float16 or bfloat16")
-        resolved = kv_cache_dtype
-    else:
-        raise TypeError(f"kv_cache_dtype must be a string or torch.dtype, got {type(kv_cache_dtype).__name__}")
-    if resolved == dtype:
-        return resolved
+    resolved = _named_dtype(kv_cache_dtype, "kv_cache_dtype")
+    if resolved is None or resolved == dtype:
+        return dtype
     if device.type != "cpu":
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} on {device.type}: the CUDA kernels keep the KV cache in "
                          f"the model's dtype ({str(dtype).removeprefix('torch.')}); use 'auto'")

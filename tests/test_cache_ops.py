@@ -80,6 +80,8 @@ CASES = [  # seq_lens, q_lens, heads, kv_heads, dim, block_size
     ([33], [33], 10, 5, 17, 5),  # head_dim not a multiple of anything
     ([70, 2], [1, 1], 4, 1, 256, 16),  # Gemma 3's head layout, decode
     ([21, 9], [1, 9], 6, 3, 32, 4),  # two 16-lane vectors per head row, blocks smaller than a vector
+    ([45, 70], [1, 1], 10, 2, 64, 16),  # GQA groups of 5: attended in runs of 4 + 1 heads per K/V row
+    ([30, 3], [1, 3], 14, 2, 32, 8),  # groups of 7 at two vectors per head: runs of 4 + 3
 ]
 
 

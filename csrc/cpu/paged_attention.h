@@ -81,58 +81,124 @@ inline simd::Vec load_cached(const c10::BFloat16* p) {
   return simd::from_bfloat16(reinterpret_cast<const uint16_t*>(p));
 }
 
+// Accumulator vectors one call of attend_chunk holds in registers (NG heads x DV vectors): half the
+// register file; the rest holds a K or V row and the broadcast weights.
+#if defined(__AVX512F__)
+constexpr int kAccVectors = 16;
+#else
+constexpr int kAccVectors = 8;
+#endif
+// Query heads attended together: as many as kAccVectors allows, at most 4 (groups are split into runs of <= 4).
+template <int DV>
+constexpr int kMaxTogether = std::min(4, std::max(1, kAccVectors / DV));
+
+// One chunk of n <= kLanes cache slots (rows k_rows / v_rows, already offset to the KV head) for NG query heads
+// h0 .. h0 + NG - 1 that read that KV head, head_dim = DV whole vectors: each K and V row is loaded (and converted
+// from the cache type) once for all NG heads, and the V accumulation runs NG x DV independent chains. Per head, the
+// chunk's dot products fold into one vector of scores (simd::transpose_sum) and the online softmax runs on that
+// vector; the running max / sum / output of each head live in s (scaled queries in s.q).
+template <int DV, int NG, typename cache_t>
+void attend_chunk(const cache_t* const* k_rows, const cache_t* const* v_rows, int64_t n, int64_t h0,
+                  AttentionScratch& s) {
+  constexpr int64_t W = simd::kLanes, dim = DV * W;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const float* q = s.q.data() + h0 * dim;
+  float* acc_out = s.acc.data() + h0 * dim;
+  simd::Vec part[NG][W], acc[NG][DV];
+  alignas(64) float probs[NG][W];
+  for (int64_t i = 0; i < n; ++i) {
+    simd::Vec k[DV];
+#pragma GCC unroll 16
+    for (int j = 0; j < DV; ++j) k[j] = load_cached(k_rows[i] + j * W);
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) {
+      simd::Vec d = simd::mul(simd::load(q + g * dim), k[0]);
+#pragma GCC unroll 16
+      for (int j = 1; j < DV; ++j) d = simd::fma(simd::load(q + g * dim + j * W), k[j], d);
+      part[g][i] = d;
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g) {
+    for (int64_t i = n; i < W; ++i) part[g][i] = simd::zero();
+    float& run_max = s.run_max[h0 + g];
+    const simd::Vec scores = simd::first_or(simd::transpose_sum(part[g]), n, kNegInf);
+    const float block_max = std::max(run_max, simd::max_of(scores));
+    const simd::Vec p = simd::first_or(simd::exp(simd::add(scores, simd::broadcast(-block_max))), n, 0.f);
+    const float correction = std::exp(run_max - block_max);  // 0 before the first chunk (acc is 0 too)
+    s.run_sum[h0 + g] = s.run_sum[h0 + g] * correction + simd::sum(p);
+    run_max = block_max;
+    simd::store(probs[g], p);
+#pragma GCC unroll 16
+    for (int j = 0; j < DV; ++j) acc[g][j] = simd::mul(simd::load(acc_out + g * dim + j * W), simd::broadcast(correction));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    simd::Vec v[DV];
+#pragma GCC unroll 16
+    for (int j = 0; j < DV; ++j) v[j] = load_cached(v_rows[i] + j * W);
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) {
+      const simd::Vec w = simd::broadcast(probs[g][i]);
+#pragma GCC unroll 16
+      for (int j = 0; j < DV; ++j) acc[g][j] = simd::fma(w, v[j], acc[g][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
+    for (int j = 0; j < DV; ++j) simd::store(acc_out + g * dim + j * W, acc[g][j]);
+}
+
+// attend_chunk<DV, count> for a runtime count in [1, kMaxTogether<DV>].
+template <int DV, typename cache_t, int NG = 1>
+void attend_chunk_heads(int64_t count, const cache_t* const* k_rows, const cache_t* const* v_rows, int64_t n,
+                        int64_t h0, AttentionScratch& s) {
+  if constexpr (NG < kMaxTogether<DV>) {
+    if (count > NG) return attend_chunk_heads<DV, cache_t, NG + 1>(count, k_rows, v_rows, n, h0, s);
+  }
+  attend_chunk<DV, NG, cache_t>(k_rows, v_rows, n, h0, s);
+}
+
 // attend_token for float32 queries (over a float32, float16 or bfloat16 cache) whose head_dim is DV whole vectors.
-// Slots go in chunks of one vector's width: per query head, a chunk's kLanes dot products are folded into one
-// vector of scores (simd::transpose_sum), the online softmax runs on that vector, and V is accumulated in registers;
-// the chunk's K and V rows stay in L1 for all the heads that read them.
+// Slots go in chunks of one vector's width, front to back (each slot's rows are read whole, in order); within a
+// chunk the heads [h0, h1) go in runs that share a KV head (a GQA group, in runs of at most kMaxTogether<DV>).
 template <int DV, typename cache_t>
 void attend_token_vectors(const PagedKV<cache_t>& kv, const float* q_src, const int32_t* table, int64_t pos,
                           int64_t window, float scale, int64_t h0, int64_t h1, float* o, AttentionScratch& s) {
-  constexpr int64_t W = simd::kLanes;
-  const int64_t dim = DV * W, block_size = kv.block_size, group = kv.group, slot_stride = kv.slot_stride();
+  constexpr int64_t W = simd::kLanes, dim = DV * W;
+  const int64_t block_size = kv.block_size, group = kv.group, slot_stride = kv.slot_stride();
   const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t i = h0 * dim; i < h1 * dim; ++i) s.q[i] = q_src[i] * scale;
   std::fill(s.acc.begin() + h0 * dim, s.acc.begin() + h1 * dim, 0.f);
-  std::fill(s.run_max.begin() + h0, s.run_max.begin() + h1, kNegInf);
+  std::fill(s.run_max.begin() + h0, s.run_max.begin() + h1, -std::numeric_limits<float>::infinity());
   std::fill(s.run_sum.begin() + h0, s.run_sum.begin() + h1, 0.f);
   const cache_t* k_rows[W];
   const cache_t* v_rows[W];
-  simd::Vec part[W];
-  alignas(64) float probs[W];
   for (int64_t block_start = first - first % block_size; block_start <= pos; block_start += block_size) {
     const int64_t lo = std::max(first, block_start), hi = std::min(pos + 1, block_start + block_size);
     const int64_t base = static_cast<int64_t>(table[block_start / block_size]) * block_size;
+    if (block_start + block_size <= pos) {  // the next block's K and V rows, read while this one is computed
+      const int64_t next = static_cast<int64_t>(table[block_start / block_size + 1]) * block_size;
+      const int64_t bytes = (std::min(pos + 1, block_start + 2 * block_size) - block_start - block_size) *
+                            slot_stride * int64_t{sizeof(cache_t)};
+      const char* k_next = reinterpret_cast<const char*>(kv.k + next * slot_stride);
+      const char* v_next = reinterpret_cast<const char*>(kv.v + next * slot_stride);
+      for (int64_t b = 0; b < bytes; b += 64) {
+        simd::prefetch(k_next, b);
+        simd::prefetch(v_next, b);
+      }
+    }
     for (int64_t c0 = lo; c0 < hi; c0 += W) {
       const int64_t n = std::min(W, hi - c0);
-      for (int64_t i = 0; i < n; ++i) {
-        k_rows[i] = kv.k + (base + c0 + i - block_start) * slot_stride;
-        v_rows[i] = kv.v + (base + c0 + i - block_start) * slot_stride;
-      }
-      for (int64_t i = n; i < W; ++i) part[i] = simd::zero();
-      for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t h = h0; h < h1;) {
+        const int64_t count = std::min<int64_t>(std::min(h1, (h / group + 1) * group) - h, kMaxTogether<DV>);
         const int64_t off = (h / group) * dim;
-        simd::Vec q[DV], acc[DV];
-        for (int j = 0; j < DV; ++j) q[j] = simd::load(s.q.data() + h * dim + j * W);
         for (int64_t i = 0; i < n; ++i) {
-          simd::Vec d = simd::mul(q[0], load_cached(k_rows[i] + off));
-          for (int j = 1; j < DV; ++j) d = simd::fma(q[j], load_cached(k_rows[i] + off + j * W), d);
-          part[i] = d;
+          k_rows[i] = kv.k + (base + c0 + i - block_start) * slot_stride + off;
+          v_rows[i] = kv.v + (base + c0 + i - block_start) * slot_stride + off;
         }
-        const simd::Vec scores = simd::first_or(simd::transpose_sum(part), n, kNegInf);
-        const float block_max = std::max(s.run_max[h], simd::max_of(scores));
-        const simd::Vec p = simd::first_or(simd::exp(simd::add(scores, simd::broadcast(-block_max))), n, 0.f);
-        const float correction = std::exp(s.run_max[h] - block_max);  // 0 before the first chunk (acc is 0 too)
-        s.run_sum[h] = s.run_sum[h] * correction + simd::sum(p);
-        s.run_max[h] = block_max;
-        simd::store(probs, p);
-        for (int j = 0; j < DV; ++j)
-          acc[j] = simd::mul(simd::load(s.acc.data() + h * dim + j * W), simd::broadcast(correction));
-        for (int64_t i = 0; i < n; ++i) {
-          const simd::Vec w = simd::broadcast(probs[i]);
-          for (int j = 0; j < DV; ++j) acc[j] = simd::fma(w, load_cached(v_rows[i] + off + j * W), acc[j]);
-        }
-        for (int j = 0; j < DV; ++j) simd::store(s.acc.data() + h * dim + j * W, acc[j]);
+        attend_chunk_heads<DV, cache_t>(count, k_rows, v_rows, n, h, s);
+        h += count;
       }
     }
   }

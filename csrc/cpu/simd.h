@@ -147,8 +147,8 @@ inline Vec exp(Vec x) {
 namespace helios::simd {
 // Asks for the cache line holding p[i] (into every cache level). A prefetch is a hint that never faults, so i may
 // point past the array (the address is computed as an integer). An asm statement, not __builtin_prefetch: GCC 12
-// silently deleted the builtin from inlined kernel code (gemm::direct_rows' next-tile prefetch; and every block
-// prefetch the paged attention had, which, once made real, did not measurably help and were removed).
+// silently deleted the builtin from inlined kernel code (gemm::direct_rows' next-tile prefetch, the paged attention's
+// block prefetches).
 template <typename T>
 inline void prefetch(const T* p, int64_t i) {
   const uintptr_t address = reinterpret_cast<uintptr_t>(p) + sizeof(T) * i;

@@ -21,12 +21,11 @@ never changes. A request never mixes two models' K/V: each engine holds its own 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -35,32 +34,18 @@ from helios.config import EngineConfig
 from helios.control.actions import breach_options
 from helios.control.events import EventLog
 from helios.control.monitor import BreachMonitor
-from helios.control.profile import bits_per_byte, build_profile, probe_layers
+from helios.control.profiling import ProfilingRun, profiling_pool
 from helios.control.repository import ModelFacts, ModelRepository, tokenizer_key
 from helios.control.requests import ControlledRequest, ControlledSeq
-from helios.control.selector import Plan, never_breach, plan_candidate, select
+from helios.control.selector import Plan, interim_plan, plan_candidate, select
 from helios.control.slo import SLO
 from helios.engine.engine import LLMEngine, load_tokenizer
 from helios.engine.outputs import RequestOutput
-from helios.engine.probes import ProbeLog
 from helios.engine.prompts import ChatPrompt, PromptTooLongError, parse_prompt
 from helios.exits.config import ExitConfig, ExitPolicy
 from helios.model.source import resolve_model
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
-
-
-@dataclass
-class ProfilingRun:
-    model: str
-    engine: LLMEngine
-    log: ProbeLog
-    requests: list[ControlledRequest] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def done(self) -> bool:
-        return all(r.is_finished for r in self.requests)
 
 
 @dataclass
@@ -178,34 +163,19 @@ class ControlledEngine:
             model = self.to_profile.popleft()
             try:
                 engine = self._build(model, num_layers=None, enable_prefix_caching=False,
-                                     **self._profiling_pool(model))
-                heads = engine.model.exit_heads
-                engine.set_exit_policy(None)
-                log = ProbeLog(probe_layers(engine.model.total_layers, self.slo.probe_layers,
-                                            heads.layers if heads is not None else ()))
-                engine.set_probes(log)
+                                     **profiling_pool(self.configs[model], self.slo))
+                self.profiling = ProfilingRun.start(model, engine, self.slo)
             except Exception as e:  # a candidate that cannot load is skipped, the rest go on
                 self.events.add("failure", f"loading {model} for profiling failed: {e}", model=model)
                 continue
-            self.profiling = ProfilingRun(model, engine, log)
             self.events.add("profile", f"profiling {model} on the next {self.slo.profile_requests} requests",
-                            model=model, probe_layers=list(log.layers))
+                            model=model, probe_layers=list(self.profiling.log.layers))
             while self.pending and len(self.profiling.requests) < self.slo.profile_requests:
                 self._profile_on(self.pending.popleft())  # requests waiting since the cold start go first
             if self.active is None:
                 self._start_interim(self.profiling)
             return
         self.profiling = None
-
-    def _profiling_pool(self, model: str) -> dict:
-        """A profiling engine's KV pool holds just its profile requests (at max_model_len), so a profile adds the
-        candidate's weights that no live engine shares and that much KV to the memory in use, not a second
-        budget."""
-        config = self.configs[model]
-        max_len = config.max_model_len or getattr(resolve_model(config.model).config, "max_position_embeddings",
-                                                  None) or 2048
-        blocks = self.slo.profile_requests * -(-max_len // config.block_size)
-        return {"kv_cache_blocks": blocks if config.kv_cache_blocks is None else min(blocks, config.kv_cache_blocks)}
 
     def _start_interim(self, run: ProfilingRun) -> None:
         """Cold start: beside the first profiling run, an engine of the same model at full depth (sharing its
@@ -219,10 +189,7 @@ class ControlledEngine:
             return
         engine.set_exit_policy(None)
         depth = engine.model.total_layers
-        plan = Plan(model=run.model, depth=depth, exits=(), thresholds={depth: never_breach("max_prob")},
-                    coverage=1.0, seconds_per_token=0.0, tokens_per_second=0.0, max_seqs=None, prompt_bpb=None,
-                    reason="interim")
-        self.active = Deployment(run.model, engine, plan)
+        self.active = Deployment(run.model, engine, interim_plan(run.model, depth, run.log.confidence))
         self.events.add("select", f"interim: {run.model} at full depth serves requests beyond the profile's until "
                         "every candidate is profiled", model=run.model, depth=depth, pending=len(self.pending))
         self._drain_pending()
@@ -335,9 +302,7 @@ class ControlledEngine:
             raise RuntimeError("no candidate could be profiled and nothing is deployed: see stats()['events']")
         run = self.profiling
         if run is not None and run.engine.has_unfinished():
-            started = time.perf_counter()
-            run.engine.step()
-            run.seconds += time.perf_counter() - started
+            run.step()
         if self.active is not None and self.active.engine.has_unfinished():
             tripped = False
             for seq in self.active.engine.step():
@@ -358,20 +323,9 @@ class ControlledEngine:
                     self._owner.pop(cseq.seq.seq_id, None)
 
     def _finish_profile(self, run: ProfilingRun) -> None:
-        tokenizer = run.engine.tokenizer
-        prompt_bytes, output_bytes = {}, {}
-        for request in run.requests:
-            for cseq in request.seqs:
-                if cseq.inner is None or cseq.engine is not run.engine:
-                    continue
-                inner = cseq.inner
-                prompt_bytes[inner.request_id] = len(tokenizer.decode(inner.prompt_token_ids[1:],
-                                                                      skip_special_tokens=True).encode())
-                output_bytes[inner.request_id] = output_bytes.get(inner.request_id, 0) + len(
-                    run.engine.outputs.text(cseq.seq).encode())
-        profile = build_profile(run.model, run.engine.model.total_layers, run.log, run.seconds, prompt_bytes,
-                                output_bytes, len(run.requests))
-        self._score_reference(run, profile)
+        profile = run.profile()
+        # the round's reference prompts (the first profile's) under this candidate: the quality guard's common text
+        run.score_reference(profile, self._reference, lambda request: self._prompt_on(request, run.model, run.engine))
         self.repository.record(profile)
         self.events.add("profile", f"profiled {run.model}", **profile.summary())
         self.profiling = None  # the full-depth copy goes with the run (its finished requests keep what they read)
@@ -386,34 +340,13 @@ class ControlledEngine:
         finally:
             self._last_profiled = None
 
-    def _score_reference(self, run: ProfilingRun, profile) -> None:
-        """Bits per byte of the round's reference prompts under this candidate: the first profile of a round makes
-        its own prompts the reference (its prompt_bpb is that already); later candidates score the same text (one
-        prefill each, on their idle profiling engine), so the quality guard compares them on equal terms."""
-        if not self._reference:
-            self._reference = list(run.requests)
-            profile.reference_bpb = profile.prompt_bpb
-        else:
-            engine, nats, num_bytes = run.engine, 0.0, 0
-            for request in self._reference:
-                prompt = self._prompt_on(request, run.model, engine)
-                ids = engine.make_request(prompt, SamplingParams(max_tokens=1)).prompt_token_ids
-                if not 2 <= len(ids) < engine.max_model_len:
-                    continue
-                nats += engine.prompt_nats(ids)
-                num_bytes += len(engine.tokenizer.decode(ids[1:], skip_special_tokens=True).encode())
-            profile.reference_bpb = bits_per_byte(nats, num_bytes)
-        profile.reference = hashlib.sha1("\x00".join(r.prompt_text for r in self._reference).encode()).hexdigest()[:12]
-
     def _serve_interim(self, run: ProfilingRun, profile) -> None:
         """Cold start when no engine could start beside the first profile: its full-depth engine serves the waiting
         requests while the other candidates are profiled (plain decoding: no exits, no breaches)."""
         run.engine.set_probes(None)
         depth = run.engine.model.total_layers
-        plan = Plan(model=run.model, depth=depth, exits=(), thresholds={depth: never_breach(profile.confidence)},
-                    coverage=1.0, seconds_per_token=0.0, tokens_per_second=profile.tokens_per_second, max_seqs=None,
-                    prompt_bpb=profile.prompt_bpb, reason="interim")
-        self.active = Deployment(run.model, run.engine, plan)
+        self.active = Deployment(run.model, run.engine, interim_plan(run.model, depth, profile.confidence,
+                                                                     profile.tokens_per_second, profile.prompt_bpb))
         self.events.add("select", f"interim: {run.model} at full depth serves waiting requests until every candidate "
                         "is profiled", model=run.model, depth=depth, pending=len(self.pending))
 

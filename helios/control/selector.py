@@ -51,6 +51,14 @@ def never_breach(confidence: str) -> float:
     return float("inf") if confidence == "entropy" else 0.0
 
 
+def interim_plan(model: str, depth: int, confidence: str, tokens_per_second: float = 0.0,
+                 prompt_bpb: float | None = None) -> Plan:
+    """Full depth, no exits, a threshold every token passes: plain decoding while the candidates are profiled."""
+    return Plan(model=model, depth=depth, exits=(), thresholds={depth: never_breach(confidence)}, coverage=1.0,
+                seconds_per_token=0.0, tokens_per_second=tokens_per_second, max_seqs=None, prompt_bpb=prompt_bpb,
+                reason="interim")
+
+
 def _signed(stats: ExitStats, threshold: float) -> float:
     return -threshold if stats.confidence == "entropy" else threshold
 

@@ -62,7 +62,7 @@ def test_rotary_matches_reference_on_strided_views(dtype, heads, kv_heads, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3072), (6, 18), (2, 3, 10)])
+@pytest.mark.parametrize("shape", [(1, 3072), (6, 18), (2, 3, 10), (5, 74)])  # 74: two vectors + a tail
 def test_silu_and_mul_matches_reference(dtype, shape):
     x = randn(*shape, dtype=dtype) * 3
     got = FUSED.silu_and_mul(x)

@@ -4,6 +4,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#include "simd.h"
 
 namespace helios {
 
@@ -25,11 +28,23 @@ inline void rms_norm_row(const scalar_t* row, const scalar_t* w, scalar_t* o, in
     o[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * round_to<scalar_t>(static_cast<float>(row[i]) * inv));
 }
 
-// One row of silu(gate) * up, silu rounded to the dtype first as the reference does.
+// One row of silu(gate) * up, silu rounded to the dtype first as the reference does. float32 rows take the vector
+// e^x (simd::exp): the compiler calls glibc's scalar expf per element here, which made this op 5x slower than
+// torch's silu at prefill sizes (and ~3 ms of a batch-32 decode step).
 template <typename scalar_t>
 inline void silu_and_mul_row(const scalar_t* gate, const scalar_t* up, scalar_t* o, int64_t d) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) {
+  int64_t i = 0;
+#ifdef HELIOS_SIMD
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const simd::Vec one = simd::broadcast(1.f), minus_one = simd::broadcast(-1.f);
+    for (; i + simd::kLanes <= d; i += simd::kLanes) {
+      const simd::Vec g = simd::load(gate + i);
+      const simd::Vec silu = simd::div(g, simd::add(one, simd::exp(simd::mul(g, minus_one))));
+      simd::store(o + i, simd::mul(silu, simd::load(up + i)));
+    }
+  }
+#endif
+  for (; i < d; ++i) {
     const float g = static_cast<float>(gate[i]);
     o[i] = static_cast<scalar_t>(round_to<scalar_t>(g / (1.f + std::exp(-g))) * static_cast<float>(up[i]));
   }

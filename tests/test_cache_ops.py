@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helios.ops.attention as attention_module
 from helios._ext import load_extension
 from helios.ops.attention import (
     AttentionMetadata,
@@ -135,11 +136,22 @@ def test_dense_attention_matches_reference(device, context, new, heads, kv_heads
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
+def count_dense_calls(monkeypatch, short_prefill_limit: int) -> list:
+    """Sets PAGED_PREFILL_CONTEXT and records each SDPA (dense_attention) call of PagedAttentionOps.attention."""
+    monkeypatch.setattr(attention_module, "PAGED_PREFILL_CONTEXT", short_prefill_limit)
+    calls, dense = [], attention_module.dense_attention
+    monkeypatch.setattr(attention_module, "dense_attention", lambda *args: calls.append(1) or dense(*args))
+    return calls
+
+
 @pytest.mark.parametrize("context, new", [(40, 40), (40, 9), (7, 7)])
 @pytest.mark.parametrize("window", [5, 16])
-def test_dense_prefill_honours_a_sliding_window(device, context, new, window):
-    """PagedAttentionOps.attention for a dense (prefill) sequence of a sliding-window layer vs the float64
-    reference: no query attends beyond its window, fresh or after a cached prefix."""
+@pytest.mark.parametrize("short_prefill_limit", [0, 512])  # 0: SDPA; 512: the paged kernel (CPU)
+def test_dense_prefill_honours_a_sliding_window(device, context, new, window, short_prefill_limit, monkeypatch):
+    """PagedAttentionOps.attention for a prefill sequence of a sliding-window layer vs the float64 reference, by
+    SDPA or (CPU, context up to PAGED_PREFILL_CONTEXT) the paged kernel: no query attends beyond its window, fresh
+    or after a cached prefix."""
+    sdpa_calls = count_dense_calls(monkeypatch, short_prefill_limit)
     g = torch.Generator().manual_seed(context + new + window)
     heads, kv_heads, dim = 4, 1, 32  # Gemma-like: one KV head
     query = torch.randn(new, heads, dim, generator=g).to(device)
@@ -160,9 +172,41 @@ def test_dense_prefill_honours_a_sliding_window(device, context, new, window):
     got = ops.attention(query, key[-new:], value[-new:], cache[0], cache[1], meta, dim**-0.5, window)
     want = reference(query, cache[0], cache[1], meta, dim**-0.5, window)
     torch.testing.assert_close(got.cpu().double(), want, atol=tolerance(torch.float32, device), rtol=1e-4)
+    assert bool(sdpa_calls) == (device.type != "cpu" or context > short_prefill_limit)
     if context > window:  # the window matters: without it the result differs
         unwindowed = reference(query, cache[0], cache[1], meta, dim**-0.5, -1)
         assert not torch.allclose(unwindowed, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("short_prefill_limit, sdpa_calls", [(0, 3), (129, 3), (130, 0)])
+def test_a_step_of_decodes_and_prefills_matches_the_reference(device, short_prefill_limit, sdpa_calls, monkeypatch):
+    """A flat step (2 decodes, a fresh prefill, one after a cached prefix, and a 130-token prefill) through
+    PagedAttentionOps.attention equals the float64 reference whichever way its prefills go: the whole step by the
+    paged kernel on CPU when every prefill's context is within PAGED_PREFILL_CONTEXT, else each prefill by SDPA."""
+    calls = count_dense_calls(monkeypatch, short_prefill_limit)
+    seq_lens, q_lens, heads, kv_heads, dim, block_size = [33, 9, 20, 50, 130], [1, 1, 20, 14, 130], 6, 2, 32, 16
+    query, kc, vc, meta = random_batch(seq_lens, q_lens, heads, kv_heads, dim, block_size, torch.float32, 3, device)
+    qsl = meta.query_start_loc.tolist()
+    meta.seq_lens_host, meta.query_start_loc_host, meta.num_paged_seqs, meta.dense = seq_lens, qsl, 2, []
+    tables = meta.block_tables.long()
+    key = torch.empty(qsl[-1], kv_heads, dim, device=device)
+    value = torch.empty_like(key)
+    for s, (ctx, new) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        positions = torch.arange(ctx, device=device)
+        slots = tables[s][positions // block_size] * block_size + positions % block_size
+        key[qsl[s]:qsl[s + 1]] = kc.flatten(0, 1)[slots[ctx - new:]]  # this step's K/V, as stored in the cache
+        value[qsl[s]:qsl[s + 1]] = vc.flatten(0, 1)[slots[ctx - new:]]
+        if s >= 2:
+            dense = DenseSeq(qsl[s], qsl[s + 1])
+            if new < ctx:
+                dense.context_slots = slots
+                dense.mask = positions[None, :] <= positions[ctx - new:, None]
+            meta.dense.append(dense)
+    got = PagedAttentionOps(device).attention(query, key, value, kc, vc, meta, dim**-0.5)
+    want = reference(query, kc, vc, meta, dim**-0.5, -1)
+    tol = tolerance(torch.float32, device)
+    torch.testing.assert_close(got.cpu().double(), want, atol=tol, rtol=tol)
+    assert len(calls) == (sdpa_calls if device.type == "cpu" else 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

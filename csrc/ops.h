@@ -43,8 +43,9 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x);
 
 // Weight-only quantized linears (see cpu/quant_ops.cpp for the tiled layouts): x float32 [..., K] -> [..., N],
 // plus optional bias [N] and residual [..., N].
-// round_activations: from integer_dot_rows() to 48 rows, x is rounded to int8 per group of 32 and multiplied with
-// integer dot products (cpu/integer_dot.h; ignored on a build without them).
+// From integer_dot_rows() to 48 rows, x is rounded per group of 32 and multiplied with integer dot products
+// (cpu/integer_dot.h; a build without them multiplies in float32): to int16 (error ~1e-5 of the group's largest
+// value), or with round_activations (w8a8 / w4a8) to int8.
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const at::Tensor& minimum, int64_t out_features, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual, bool round_activations);
@@ -84,8 +85,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& hidden, const at::Tensor& positio
 // spent [working, waiting at the barrier after it] since the last call, as float64 [7, 2]; resets the sums and
 // turns timing on or off.
 at::Tensor decode_stack_timing_cpu(bool enable);
-// The fewest input rows from which int8/int4 linears round activations to int8 per group of 32 and use integer dot
-// products (cpu/integer_dot.h), up to 48 rows; 0 where this build has none (no AVX-512 VNNI).
+// The fewest input rows from which int8/int4 linears round activations per group of 32 (to int16, or int8 for
+// w8a8 / w4a8) and use integer dot products (cpu/integer_dot.h), up to 48 rows; 0 where this build has none (no
+// AVX-512 VNNI).
 int64_t integer_dot_rows_cpu();
 
 // Shared argument checks (same messages on every device). A float16 / bfloat16 cache under float32 keys, values

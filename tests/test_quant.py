@@ -1,6 +1,6 @@
 """int8/int4 linears (helios._C int8_linear / int4_linear) vs a float64 oracle with the dequantized weight (and,
 where the kernel takes integer dot products, the input rounded as it rounds it), on odd shapes, every path (register
-blocks of 1-6 rows up to 48 rows, integer dot products from 16 rows with AVX-512 VNNI, slabs beyond), bias and
+blocks of 1-6 rows up to 48 rows, integer dot products from 8 rows with AVX-512 VNNI, slabs beyond), bias and
 residual; the
 quantizers' round trip; quantized models end to end (parity with the dequantized float model, bytes, KV pool,
 truncation and exits); bad input."""
@@ -26,8 +26,9 @@ from helios.ops.quant import (
 
 load_extension()
 # blocks of up to 3 (AVX2) or 6 (AVX-512) rows and every remainder up to 48 rows, the batch along the vector lanes
-# from 8 (AVX2) or 16 (AVX-512) rows (whole and partial vectors), slabs beyond
-ROWS = [1, 2, 3, 4, 5, 7, 11, 16, 17, 33, 48, 49, 130]
+# from 8 (AVX2) or 16 (AVX-512) rows (whole and partial vectors), integer dot products from 8 (AVX-512 VNNI), slabs
+# beyond
+ROWS = [1, 2, 3, 4, 5, 7, 8, 11, 16, 17, 33, 48, 49, 130]
 
 
 def randn(*shape, seed=0) -> torch.Tensor:
@@ -62,14 +63,15 @@ def test_prefill_of_a_weight_larger_than_one_slab(quantization):
     assert (got.double() - residual.double() - oracle).abs().max() <= bound
 
 
-def test_activations_round_to_int8_per_group_of_32():
+@pytest.mark.parametrize("bits,levels", [(8, 127), (16, 32639)])
+def test_activations_round_per_group_of_32(bits, levels):
     x = randn(5, 70) * torch.logspace(-3, 3, 70)  # groups of very different ranges; 70: a zero-padded last group
     x[1] = 0.0
-    got = quantize_activations(x)
+    got = quantize_activations(x, bits)
     groups = F.pad(x.double(), (0, 26)).reshape(5, 3, 32)
-    scale = (groups.abs().amax(-1, keepdim=True) / 127).float().double()
+    scale = (groups.abs().amax(-1, keepdim=True) / levels).float().double()
     q = F.pad(got, (0, 26)).reshape(5, 3, 32) / torch.where(scale > 0, scale, 1.0)
-    assert torch.allclose(q, q.round(), atol=1e-9) and q.abs().max() <= 127  # integers times the group's scale
+    assert torch.allclose(q, q.round(), atol=1e-9) and q.abs().max() <= levels  # integers times the group's scale
     half_step = (scale / 2).expand(-1, -1, 32).reshape(5, 96)[:, :70]
     assert ((got - x.double()).abs() <= half_step * (1 + 1e-6)).all()
     assert (got[1] == 0).all()
@@ -77,20 +79,41 @@ def test_activations_round_to_int8_per_group_of_32():
 
 @pytest.mark.skipif(integer_dot_rows() == 0, reason="this build has no integer dot products (AVX-512 VNNI)")
 @pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8", "w4a8"])
-def test_integer_dot_products_take_the_rounded_input_from_16_to_48_rows(quantization):
-    """w8a8 / w4a8 from integer_dot_rows() rows: the kernel multiplies the rounded input; it matches that oracle to
-    float32 rounding and is measurably away from the unrounded product (so the path ran); below it and past 48 rows
-    the input is used as is. int8 / int4 never round."""
+def test_integer_dot_products_take_the_rounded_input_from_integer_dot_rows_to_48(quantization):
+    """From integer_dot_rows() to 48 rows the kernel multiplies the input rounded per group (w8a8 / w4a8: to int8,
+    int8 / int4: to int16); it matches that oracle to float32 rounding and is measurably away from the unrounded
+    product (so the path ran); below it and past 48 rows the input is used as is."""
     linear = QuantizedLinear(randn(200, 96), None, quantization)
     weight = linear.dequantized().double()
+    bits = 8 if quantization in ("w8a8", "w4a8") else 16
     for rows in (integer_dot_rows() - 1, integer_dot_rows(), 48, 49):
         x = randn(rows, 96, seed=rows)
+        x[:, ::32] *= 30  # one large value per group: a coarse grid for the others, so int16 rounding shows too
         got = linear(x).double()
-        bound = 1e-5 * (x.double().abs() @ weight.abs().T).max()
-        rounded, exact = F.linear(quantize_activations(x), weight), F.linear(x.double(), weight)
-        integer = quantization in ("w8a8", "w4a8") and integer_dot_rows() <= rows <= 48
+        bound = 1e-6 * (x.double().abs() @ weight.abs().T).max()  # float32 sums; int16 rounding moves ~3e-5
+        rounded, exact = F.linear(quantize_activations(x, bits), weight), F.linear(x.double(), weight)
+        integer = integer_dot_rows() <= rows <= 48
         assert (got - (rounded if integer else exact)).abs().max() <= bound, rows
         assert ((got - exact).abs().max() > 10 * bound) == integer, rows
+
+
+@pytest.mark.skipif(integer_dot_rows() == 0, reason="this build has no integer dot products (AVX-512 VNNI)")
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_int16_activations_split_exactly_into_their_int8_halves(quantization):
+    """The kernel multiplies q = 256 * hi + lo as two int8 dot products: values at the edges of the halves (lo at
+    -128 / 127, hi at -127 / 127, q at +-32639) give the oracle's product, each one alone in its row."""
+    edges = torch.tensor([32639, -32639, 127, 128, -128, -129, 255, 256, -256, -257, 32512, -32512, 32511, 1, -1, 0])
+    linear = QuantizedLinear(randn(40, 64), None, quantization)
+    rows = max(integer_dot_rows(), len(edges))
+    x = torch.zeros(rows, 64)
+    x[:, 0] = 32639.0  # every group's largest value: scale 1, q = x
+    x[:, 32] = -32639.0
+    x[: len(edges), 5] = edges.float()
+    x[: len(edges), 40] = -edges.flip(0).float()
+    got, oracle = linear(x).double(), quantized_linear_reference(x, linear)
+    assert torch.equal(quantize_activations(x, 16), x.double())  # the values lie on the grid
+    bound = 1e-6 * (x.double().abs() @ linear.dequantized().double().abs().T).max()
+    assert (got - oracle).abs().max() <= bound
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

@@ -160,7 +160,7 @@ struct StepArgs {
   const float* cos;
   const float* sin;
   float eps, scale;
-  bool round_activations;  // quantized weights: integer dot products from gemm::kWideRows tokens (integer_dot.h)
+  bool round_activations;  // quantized weights: int8 (else int16) activations in integer dot products (integer_dot.h)
 };
 
 template <typename Tiles>

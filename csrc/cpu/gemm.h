@@ -237,11 +237,11 @@ template <typename Tiles>
 void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const Epilogue& epi,
                 float* buffer, const float* prepared = nullptr) {
 #ifdef HELIOS_SIMD
+  // int8/int4 weights with integer dot products: x rounded per group (integer_dot.h)
+  if constexpr (Tiles::kIntegerDot) {
+    if (w.integer_dot() && M >= Tiles::kIntegerRows) return w.integer_range(x, M, t_begin, t_end, epi);
+  }
   if (M >= kWideRows) {
-    // int8/int4 weights that asked for integer dot products: x rounded to int8 per group (integer_dot.h)
-    if constexpr (Tiles::kIntegerDot) {
-      if (w.integer_dot) return w.integer_range(x, M, t_begin, t_end, epi);
-    }
     if (prepared == nullptr) {
       std::vector<float>& xt = wide_scratch().xt;
       if (static_cast<int64_t>(xt.size()) < w.K * padded_rows(M)) xt.resize(w.K * padded_rows(M));

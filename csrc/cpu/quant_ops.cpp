@@ -1,8 +1,8 @@
 // CPU weight-only quantized linears: y = x·Wᵀ (+ bias) (+ residual) with W stored as 8- or 4-bit integers in
 // groups of 32 along K, each group with a float32 scale and minimum (int4 is llama.cpp's Q4_1; int8 the same with
 // 255 steps, which holds Q4_1 and Q8_0 blocks exactly); activations and accumulation are float32, except for
-// batches of gemm::kWideRows to kSmallM rows on CPUs with AVX-512 VNNI (integer_dot.h: activations rounded to
-// int8 per group of 32, as llama.cpp's Q8_0, and integer dot products).
+// batches of integer_dot::kMinRows to kSmallM rows on CPUs with AVX-512 VNNI (integer_dot.h: activations rounded to
+// int16 per group of 32 (w8a8 / w4a8: int8, as llama.cpp's Q8_0), and integer dot products).
 //
 // Decode (few rows) is bound by reading the weights, so the win is the bytes: each thread streams tiles of NR
 // output rows, converts 8 or 16 weights at a time in registers and multiplies them into MR x NR accumulators
@@ -118,7 +118,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 int64_t integer_dot_rows_cpu() {
 #ifdef HELIOS_SIMD
-  return integer_dot::kAvailable ? gemm::kWideRows : 0;
+  return integer_dot::kAvailable ? integer_dot::kMinRows : 0;
 #else
   return 0;
 #endif

@@ -26,14 +26,17 @@ template <int Bits>
 struct GroupTiles {
   static constexpr int kBits = Bits;
   static constexpr bool kTail = false;  // K is a whole number of groups
-  // this build can take integer dot products (integer_dot.h); `integer_dot` says whether this weight does
+  // this build can take integer dot products (integer_dot.h); `integer_dot()` says whether this weight does
   static constexpr bool kIntegerDot = integer_dot::kAvailable;
+  static constexpr int64_t kIntegerRows = integer_dot::kMinRows;
   static constexpr int64_t kGroupBytes = kGroup * Bits / 8;
   const uint8_t* q;
   const float* scale;
   const float* minimum;
   int64_t K;
-  bool integer_dot = false;  // from gemm::kWideRows rows: activations rounded to int8, integer dot products
+  // from kIntegerRows rows, activations rounded to 8 or 16 bits for integer dot products; 0: float32 products
+  int activation_bits = 0;
+  bool integer_dot() const { return activation_bits != 0; }
   int64_t groups() const { return K / kGroup; }
   int64_t at(int64_t t, int64_t g, int64_t j) const { return (t * groups() + g) * kNR + j; }  // group (t, g, j)
   const uint8_t* row(int64_t t, int64_t g, int64_t j) const { return q + at(t, g, j) * kGroupBytes; }
@@ -82,12 +85,13 @@ struct GroupTiles {
 #endif
   }
   void integer_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const gemm::Epilogue& epi) const {
-    integer_dot::tile_range(x, M, t_begin, t_end, *this, epi);
+    if (activation_bits == 8) integer_dot::tile_range<8>(x, M, t_begin, t_end, *this, epi);
+    else integer_dot::tile_range<16>(x, M, t_begin, t_end, *this, epi);
   }
   // The tiles from t0 on, as a weight of their own (n, its output rows, is implied by the caller's tile count).
   GroupTiles slice(int64_t t0, int64_t /*n*/) const {
     const int64_t at0 = t0 * groups() * kNR;
-    return {q + at0 * kGroupBytes, scale + at0, minimum + at0, K, integer_dot};
+    return {q + at0 * kGroupBytes, scale + at0, minimum + at0, K, activation_bits};
   }
   // `total` rows of K floats from output row n0 on, the first `valid` dequantized into buffer, zeros after
   // (gemm::wide_range).
@@ -104,7 +108,8 @@ struct GroupTiles {
 };
 
 // The tiles of a quantized weight (qweight, scale, minimum as helios.ops.quant lays them out), checked;
-// round_activations asks for integer dot products (honoured where the build has them).
+// where the build has integer dot products, activations are rounded to int16 for them, or to int8 with
+// round_activations (w8a8 / w4a8).
 template <int Bits>
 GroupTiles<Bits> checked_tiles(const char* op, const at::Tensor& qweight, const at::Tensor& scale,
                                const at::Tensor& minimum, bool round_activations = false) {
@@ -118,7 +123,7 @@ GroupTiles<Bits> checked_tiles(const char* op, const at::Tensor& qweight, const 
                     t->size(2) == kNR && t->is_contiguous(),
                 op, ": scale and minimum must be contiguous float32 [", tiles, ", ", groups, ", ", kNR, "]");
   return GroupTiles<Bits>{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(),
-                          groups * kGroup, round_activations && integer_dot::kAvailable};
+                          groups * kGroup, !integer_dot::kAvailable ? 0 : round_activations ? 8 : 16};
 }
 
 }  // namespace helios::quant

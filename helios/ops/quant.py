@@ -2,9 +2,11 @@
 scale and minimum per group (w ≈ q * scale + minimum).
 
 Weights are quantized once at load; activations stay float32 and the kernels (helios._C int8_linear /
-int4_linear) dequantize tiles on the fly. "w8a8" / "w4a8" store the same weights and, from integer_dot_rows() to 48
-rows per call, round the activations to int8 per group of 32 (llama.cpp's Q8_0) for AVX-512 VNNI integer dot
-products: about 1.8x faster linears at 32 rows, at a measurable cost in greedy agreement (README).
+int4_linear) dequantize tiles on the fly, except from integer_dot_rows() (8) to 48 rows per call (decode batches
+of 8+, on CPUs with AVX-512 VNNI), where the activations are rounded to int16 per group of 32 (~1.5e-5 of the group's
+largest value) for integer dot products: 1.3-1.7x faster linears at 32 rows than float products. "w8a8" / "w4a8"
+store the same weights and round those activations to int8 instead (llama.cpp's Q8_0): about 2.5x faster than
+float products at 32 rows, at a measurable cost in greedy agreement (README).
 At decode batch sizes a linear's cost is reading its weights, so int8 reads ~5/16 (1.25 bytes per weight) and int4
 ~3/16 (0.75 bytes) of the float32 bytes. The dequantize_* functions are the oracle: a quantized linear must equal
 F.linear with the dequantized weight (w8a8 / w4a8: and the rounded input, as_multiplied) up to float32 summation
@@ -35,7 +37,8 @@ TILE_ROWS = 4  # output rows interleaved per tile (csrc/cpu/quant_ops.cpp: one t
 
 
 def rounds_activations(quantization: str | None) -> bool:
-    """Whether this quantization rounds activations to int8 for integer dot products (w8a8 / w4a8)."""
+    """Whether this quantization rounds activations to int8 (w8a8 / w4a8) rather than int16 for integer dot
+    products."""
     return quantization is not None and WEIGHT_FORMAT[quantization] != quantization
 
 
@@ -160,35 +163,42 @@ class QuantizedLinear:
 
 
 def integer_dot_rows() -> int:
-    """The fewest rows from which w8a8 / w4a8 linears round their input to int8 per group of 32 (up to 48 rows per
-    call); 0 on a build without AVX-512 VNNI (they then multiply as int8 / int4 do)."""
+    """The fewest rows from which quantized linears round their input per group of 32 (to int16; w8a8 / w4a8: int8)
+    for integer dot products (up to 48 rows per call); 0 on a build without AVX-512 VNNI (they then multiply in
+    float32)."""
     return int(torch.ops.helios.integer_dot_rows())
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the integer-dot kernel multiplies it (csrc/cpu/integer_dot.h, llama.cpp's Q8_0): per row and
-    group of 32 along K (zero-padded), xs = max|x| / 127 and q = round(x / xs) in [-127, 127], returned as xs * q in
-    float64 (the same float32 rounding steps as the kernel)."""
+ACTIVATION_LEVELS = {8: 127, 16: 32639}  # csrc/cpu/integer_dot.h kLevels: the largest |q| per activation width
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x [M, K] as the integer-dot kernel multiplies it (csrc/cpu/integer_dot.h; 8 bits: llama.cpp's Q8_0): per row
+    and group of 32 along K (zero-padded), xs = max|x| / L and q = round(x / xs) in [-L, L] (L: ACTIVATION_LEVELS),
+    returned as xs * q in float64 (the same float32 rounding steps as the kernel)."""
+    levels = ACTIVATION_LEVELS[bits]
     rows, features = x.shape
     padded = F.pad(x.float(), (0, -features % GROUP)).reshape(rows, -1, GROUP)
     absmax = padded.abs().amax(dim=-1, keepdim=True)
-    scale = absmax / 127
-    inverse = torch.where(absmax > 0, 127 / absmax, torch.zeros_like(absmax))
-    q = (padded * inverse).round().clamp(-127, 127)
+    scale = absmax / levels
+    # a tensor numerator: torch computes `scalar / tensor` as a reciprocal times the scalar, not one IEEE division
+    inverse = torch.where(absmax > 0, torch.full_like(absmax, levels) / absmax, torch.zeros_like(absmax))
+    q = (padded * inverse).round().clamp(-levels, levels)
     return (q.double() * scale.double()).reshape(rows, -1)[:, :features]
 
 
 def quantized_linear_reference(x: torch.Tensor, linear: QuantizedLinear) -> torch.Tensor:
-    """The oracle: F.linear in float64 with the dequantized weight, and (w8a8 / w4a8) with x rounded as the kernel
-    rounds it where it takes integer dot products (integer_dot_rows() to 48 rows)."""
+    """The oracle: F.linear in float64 with the dequantized weight and x rounded as the kernel rounds it where it
+    takes integer dot products (integer_dot_rows() to 48 rows)."""
     bias = None if linear.bias is None else linear.bias.double()
     x64 = as_multiplied(x.reshape(-1, x.shape[-1]), linear.round_activations)
     return F.linear(x64.reshape(*x.shape[:-1], -1), linear.dequantized().double(), bias)
 
 
 def as_multiplied(x: torch.Tensor, round_activations: bool) -> torch.Tensor:
-    """x [M, K] in float64 as the int8/int4 kernels multiply it in one call: with round_activations (w8a8 / w4a8),
-    rounded by quantize_activations where they take integer dot products (integer_dot_rows() to 48 rows), else as
-    it is."""
-    rounded = round_activations and 0 < integer_dot_rows() <= x.shape[0] <= SMALL_ROWS
-    return quantize_activations(x) if rounded else x.double()
+    """x [M, K] in float64 as the int8/int4 kernels multiply it in one call: where they take integer dot products
+    (integer_dot_rows() to 48 rows), rounded by quantize_activations to int8 with round_activations (w8a8 / w4a8),
+    else to int16; elsewhere as it is."""
+    if 0 < integer_dot_rows() <= x.shape[0] <= SMALL_ROWS:
+        return quantize_activations(x, 8 if round_activations else 16)
+    return x.double()

@@ -37,11 +37,11 @@ class LLM:
     directory then needs only config.json and a tokenizer.
     quantization="int8" | "int4" stores the decoder linears as int8 or int4 in groups of 32 with a scale and a
     minimum each (int4: Q4_1; int8 holds Q4_1 and Q8_0 blocks exactly) and the LM head as int8, dequantized on
-    the fly by CPU kernels; activations stay float32, except that from 8 to 48 rows per linear (decode batches of
-    8+) on CPUs with AVX-512 VNNI they are rounded to int16 per group of 32 (an error of ~1.5e-5 of the group's
+    the fly by CPU kernels; activations stay float32, except that from 12 to 48 rows per linear (decode batches of
+    12+) on CPUs with AVX-512 VNNI they are rounded to int16 per group of 32 (an error of ~1.5e-5 of the group's
     largest value) for integer dot products. Fewer weight bytes per token (faster decode) and more KV blocks in the
     same memory budget. CPU only. "w8a8" | "w4a8": the same weights, with those activations rounded to int8
-    instead (llama.cpp's Q8_0): faster still at batch 8-48, greedy tokens drift from float32 sooner.
+    instead (llama.cpp's Q8_0): faster still at batch 12-48, greedy tokens drift from float32 sooner.
     kv_cache_dtype="auto" keeps the KV cache in the model's dtype; "float16" | "bfloat16" under a float32 model
     (CPU) halves its bytes: twice the sequences in a memory budget and half the attention's reads per decode step,
     keys and values rounded as they are stored (greedy tokens may drift from float32's; see the README).

@@ -75,7 +75,7 @@ def test_stack_generates_what_the_per_layer_path_generates(stack_checkpoints, mo
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-4, rtol=0)
 
 
-# at 8 and 20 rows: integer dot products (int8 / int4: int16 activations, w8a8 / w4a8: int8)
+# at 20 rows: integer dot products (int8 / int4: int16 activations, w8a8 / w4a8: int8)
 @pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("batch", [1, 8, 20])
 def test_quantized_stack_generates_what_the_quantized_per_layer_path_generates(stack_checkpoints, monkeypatch,

@@ -266,7 +266,7 @@ def test_fused_int8_head_matches_the_reference_on_its_dequantized_weight(rows, q
 
     head = PackedHead(lm_head, quantization=quantization)
     dequantized = head.quantized.dequantized()
-    # from 8 rows the kernel multiplies the rows rounded per group (w8a8: int8, int8: int16), where the CPU has integer
+    # from 12 rows the kernel multiplies the rows rounded per group (w8a8: int8, int8: int16), where the CPU has integer
     # dot products
     rows_as_multiplied = as_multiplied(hidden, head.quantized.round_activations)
     check(head.stats(hidden), reference(rows_as_multiplied, dequantized, None, None, "none", 0.0))

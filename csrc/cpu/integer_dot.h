@@ -34,9 +34,10 @@ constexpr bool kAvailable = true;
 constexpr bool kAvailable = false;
 #endif
 constexpr int64_t kGroup = 32;
-// From this many rows the integer kernel runs (its cost is flat up to 16 rows, a vector of them; the float kernels'
-// grows with the rows: at 8 they are about even on a gate_up, at 12 the integer one is 1.2-1.5x faster).
-constexpr int64_t kMinRows = 8;
+// From this many rows the integer kernel runs. Its cost is flat up to 16 rows (a vector of them), the float kernels'
+// grows with the rows: at 8 they were even (a whole int8 decode step at batch 8 too), at 12 the integer one was
+// 1.2-1.5x faster (gate_up, down, LM head; kernel microbenchmark).
+constexpr int64_t kMinRows = 12;
 
 #ifdef HELIOS_INTEGER_DOT
 // x [M, K] (K a multiple of kGroup) rounded per group to int8 (Bits 8) or int16 (Bits 16), in the kernel's layout.

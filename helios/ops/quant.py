@@ -2,11 +2,11 @@
 scale and minimum per group (w ≈ q * scale + minimum).
 
 Weights are quantized once at load; activations stay float32 and the kernels (helios._C int8_linear /
-int4_linear) dequantize tiles on the fly, except from integer_dot_rows() (12) to 48 rows per call (decode
-batches of 12+, on CPUs with AVX-512 VNNI), where the activations are rounded to int16 per group of 32 (~1.5e-5 of the group's
-largest value) for integer dot products: 1.3-1.7x faster linears at 32 rows than float products. "w8a8" / "w4a8"
-store the same weights and round those activations to int8 instead (llama.cpp's Q8_0): about 2.5x faster than
-float products at 32 rows, at a measurable cost in greedy agreement (README).
+int4_linear) dequantize tiles on the fly, except from integer_dot_rows() (12) to 48 rows per call (decode batches
+of 12+, on CPUs with AVX-512 VNNI), where the activations are rounded to int16 per group of 32 (~1.5e-5 of the
+group's largest value) for integer dot products: 1.3-1.7x faster linears at 32 rows than float products. "w8a8" /
+"w4a8" store the same weights and round those activations to int8 instead (llama.cpp's Q8_0): about 2.5x faster
+than float products at 32 rows, at a measurable cost in greedy agreement (README).
 At decode batch sizes a linear's cost is reading its weights, so int8 reads ~5/16 (1.25 bytes per weight) and int4
 ~3/16 (0.75 bytes) of the float32 bytes. The dequantize_* functions are the oracle: a quantized linear must equal
 F.linear with the dequantized weight (w8a8 / w4a8: and the rounded input, as_multiplied) up to float32 summation

@@ -105,10 +105,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_stats(const at::
   const int64_t chunks = (vocab + kChunk - 1) / kChunk;
   std::vector<RowStats> per_chunk(chunks * M);
   const float* xp = x.data_ptr<float>();
-  // the kernels take at most kSmallM rows at a time; each block of rows is prepared once for all chunks
+  // the kernels take at most kSmallM rows at a time; each block of rows is prepared once for all chunks: transposed
+  // for the float kernels, or rounded for integer dot products (rounding it per chunk cost ~30% of the head)
   std::vector<std::vector<float>> prepared;
-  for (int64_t m0 = 0; m0 < M; m0 += gemm::kSmallM)
-    prepared.push_back(gemm::prepared_rows(xp + m0 * K, std::min(gemm::kSmallM, M - m0), K));
+  std::vector<integer_dot::QuantizedRows> rounded;
+  for (int64_t m0 = 0; m0 < M; m0 += gemm::kSmallM) {
+    const int64_t rows = std::min(gemm::kSmallM, M - m0);
+    rounded.emplace_back();
+    if constexpr (Tiles::kIntegerDot) {
+      if (w.integer_dot() && rows >= Tiles::kIntegerRows) {
+        w.round_rows(xp + m0 * K, rows, rounded.back());
+        prepared.emplace_back();
+        continue;
+      }
+    }
+    prepared.push_back(gemm::prepared_rows(xp + m0 * K, rows, K));
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits(gemm::kSmallM * kChunk), tile_buffer(gemm::kNR * K);
     for (int64_t c = begin; c < end; ++c) {
@@ -117,9 +129,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_stats(const at::
       for (int64_t m0 = 0; m0 < M; m0 += gemm::kSmallM) {
         const int64_t rows = std::min(gemm::kSmallM, M - m0);
         const gemm::Epilogue epi{nullptr, nullptr, logits.data(), n};
-        const std::vector<float>& xt = prepared[m0 / gemm::kSmallM];
-        gemm::tile_range(xp + m0 * K, rows, 0, tiles, w.slice(t0, n), epi, tile_buffer.data(),
-                         xt.empty() ? nullptr : xt.data());
+        const int64_t block = m0 / gemm::kSmallM;
+        const std::vector<float>& xt = prepared[block];
+        bool done = false;
+        if constexpr (Tiles::kIntegerDot) {
+          if (!rounded[block].q.empty()) {
+            w.slice(t0, n).rounded_range(rounded[block], rows, 0, tiles, epi);
+            done = true;
+          }
+        }
+        if (!done)
+          gemm::tile_range(xp + m0 * K, rows, 0, tiles, w.slice(t0, n), epi, tile_buffer.data(),
+                           xt.empty() ? nullptr : xt.data());
         for (int64_t m = 0; m < rows; ++m) per_chunk[c * M + m0 + m] = chunk_stats(logits.data() + m * n, n);
       }
     }

@@ -39,7 +39,6 @@ constexpr int64_t kGroup = 32;
 // 1.2-1.5x faster (gate_up, down, LM head; kernel microbenchmark).
 constexpr int64_t kMinRows = 12;
 
-#ifdef HELIOS_INTEGER_DOT
 // x [M, K] (K a multiple of kGroup) rounded per group to int8 (Bits 8) or int16 (Bits 16), in the kernel's layout.
 // An int16 q is held as two int8 halves, q = 256 * hi + lo with hi and lo in [-128, 127], each multiplied with
 // vpdpbusd: Σ u·q = 256 * Σ u·hi + Σ u·lo, exact in int32 (|Σ u·q| <= 32 * 255 * 32639 < 2^31).
@@ -50,6 +49,8 @@ struct QuantizedRows {
   std::vector<float> qsum;   // [K / 32, Mp]: xs * Σ q over the group
   int64_t Mp = 0;  // rows padded to whole vectors
 };
+
+#ifdef HELIOS_INTEGER_DOT
 
 // The largest |q|: int8 symmetric (llama.cpp's Q8_0); int16 such that hi = (q + 128) >> 8 stays in [-127, 127].
 template <int Bits>
@@ -99,11 +100,6 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, QuantizedRows& o
       out.qsum[g * Mp + m] = scale * static_cast<float>(sum);
     }
   }
-}
-
-inline QuantizedRows& scratch() {
-  thread_local QuantizedRows rows;
-  return rows;
 }
 
 // Four stored integers of a weight row at k = 4 * quad within a group, as the unsigned bytes of one int32.
@@ -193,13 +189,12 @@ void block(const QuantizedRows& x, int64_t m0, int64_t rows, const Tiles& w, int
 }
 #endif
 
-// Output rows of tiles [t_begin, t_end) for all M (<= gemm::kSmallM) rows of x, on the calling thread: x rounded to
-// ActBits (8 or 16) per group (quantize_rows, into this thread's scratch), then integer dot products per group.
+// Output rows of tiles [t_begin, t_end) for all M (<= gemm::kSmallM) rows of x, already rounded to ActBits (8 or 16)
+// by quantize_rows, on the calling thread.
 template <int ActBits, typename Tiles>
-void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const gemm::Epilogue& epi) {
+void rounded_range(const QuantizedRows& xq, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w,
+                   const gemm::Epilogue& epi) {
 #ifdef HELIOS_INTEGER_DOT
-  QuantizedRows& xq = scratch();
-  quantize_rows<ActBits>(x, M, w.K, xq);
   const int64_t n_begin = t_begin * gemm::kNR, n_end = std::min(t_end * gemm::kNR, epi.N);
   constexpr int64_t kBlock = gemm::kWideVectors * 16;  // input rows per block: MV <= kWideVectors vectors
   for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
@@ -211,9 +206,28 @@ void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const
     });
   }
 #else
-  (void)x, (void)M, (void)t_begin, (void)t_end, (void)w, (void)epi;
-  TORCH_CHECK(false, "integer_dot::tile_range: this build has no AVX-512 VNNI");
+  (void)xq, (void)M, (void)t_begin, (void)t_end, (void)w, (void)epi;
+  TORCH_CHECK(false, "integer_dot::rounded_range: this build has no AVX-512 VNNI");
 #endif
+}
+
+// x [M, K] rounded to ActBits into `out` (quantize_rows), where this build has integer dot products.
+template <int ActBits>
+void round_rows(const float* x, int64_t M, int64_t K, QuantizedRows& out) {
+#ifdef HELIOS_INTEGER_DOT
+  quantize_rows<ActBits>(x, M, K, out);
+#else
+  (void)x, (void)M, (void)K, (void)out;
+  TORCH_CHECK(false, "integer_dot::round_rows: this build has no AVX-512 VNNI");
+#endif
+}
+
+// The same from float rows: x rounded into this thread's scratch, then rounded_range.
+template <int ActBits, typename Tiles>
+void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const gemm::Epilogue& epi) {
+  thread_local QuantizedRows xq;
+  round_rows<ActBits>(x, M, w.K, xq);
+  rounded_range<ActBits>(xq, M, t_begin, t_end, w, epi);
 }
 
 }  // namespace helios::integer_dot

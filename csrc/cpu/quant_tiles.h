@@ -88,6 +88,17 @@ struct GroupTiles {
     if (activation_bits == 8) integer_dot::tile_range<8>(x, M, t_begin, t_end, *this, epi);
     else integer_dot::tile_range<16>(x, M, t_begin, t_end, *this, epi);
   }
+  // The same in two steps, for callers that multiply the same rows by several slices (head_ops.cpp's chunks):
+  // x rounded once, then each slice.
+  void round_rows(const float* x, int64_t M, integer_dot::QuantizedRows& out) const {
+    if (activation_bits == 8) integer_dot::round_rows<8>(x, M, K, out);
+    else integer_dot::round_rows<16>(x, M, K, out);
+  }
+  void rounded_range(const integer_dot::QuantizedRows& xq, int64_t M, int64_t t_begin, int64_t t_end,
+                     const gemm::Epilogue& epi) const {
+    if (activation_bits == 8) integer_dot::rounded_range<8>(xq, M, t_begin, t_end, *this, epi);
+    else integer_dot::rounded_range<16>(xq, M, t_begin, t_end, *this, epi);
+  }
   // The tiles from t0 on, as a weight of their own (n, its output rows, is implied by the caller's tile count).
   GroupTiles slice(int64_t t0, int64_t /*n*/) const {
     const int64_t at0 = t0 * groups() * kNR;

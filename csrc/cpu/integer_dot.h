@@ -15,7 +15,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -88,8 +87,10 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, QuantizedRows& o
         const __m512i h1 = _mm512_srai_epi32(_mm512_add_epi32(q1, bias), 8);
         _mm_store_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(h0));
         _mm_store_si128(reinterpret_cast<__m128i*>(hi + 4), _mm512_cvtepi32_epi8(h1));
-        _mm_store_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q0, _mm512_slli_epi32(h0, 8))));
-        _mm_store_si128(reinterpret_cast<__m128i*>(lo + 4), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q1, _mm512_slli_epi32(h1, 8))));
+        const __m512i l0 = _mm512_sub_epi32(q0, _mm512_slli_epi32(h0, 8));  // q - 256 * hi
+        const __m512i l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32(h1, 8));
+        _mm_store_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(l0));
+        _mm_store_si128(reinterpret_cast<__m128i*>(lo + 4), _mm512_cvtepi32_epi8(l1));
       }
       for (int quad = 0; quad < kGroup / 4; ++quad) {
         const int64_t at = (g * kGroup / 4 + quad) * Mp + m;

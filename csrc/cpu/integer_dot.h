@@ -223,12 +223,4 @@ void round_rows(const float* x, int64_t M, int64_t K, QuantizedRows& out) {
 #endif
 }
 
-// The same from float rows: x rounded into this thread's scratch, then rounded_range.
-template <int ActBits, typename Tiles>
-void tile_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const Tiles& w, const gemm::Epilogue& epi) {
-  thread_local QuantizedRows xq;
-  round_rows<ActBits>(x, M, w.K, xq);
-  rounded_range<ActBits>(xq, M, t_begin, t_end, w, epi);
-}
-
 }  // namespace helios::integer_dot

@@ -84,12 +84,14 @@ struct GroupTiles {
     }
 #endif
   }
+  // Output rows of tiles [t_begin, t_end) for all M (<= gemm::kSmallM) rows of x, on the calling thread: x rounded
+  // into this thread's buffer, then multiplied. Callers that multiply the same rows by several slices (head_ops.cpp's
+  // chunks) call the two steps themselves, rounding once.
   void integer_range(const float* x, int64_t M, int64_t t_begin, int64_t t_end, const gemm::Epilogue& epi) const {
-    if (activation_bits == 8) integer_dot::tile_range<8>(x, M, t_begin, t_end, *this, epi);
-    else integer_dot::tile_range<16>(x, M, t_begin, t_end, *this, epi);
+    thread_local integer_dot::QuantizedRows xq;  // grown, never shrunk
+    round_rows(x, M, xq);
+    rounded_range(xq, M, t_begin, t_end, epi);
   }
-  // The same in two steps, for callers that multiply the same rows by several slices (head_ops.cpp's chunks):
-  // x rounded once, then each slice.
   void round_rows(const float* x, int64_t M, integer_dot::QuantizedRows& out) const {
     if (activation_bits == 8) integer_dot::round_rows<8>(x, M, K, out);
     else integer_dot::round_rows<16>(x, M, K, out);

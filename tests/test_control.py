@@ -458,7 +458,7 @@ def test_each_candidates_tokenizer_is_loaded_once(domain_models, monkeypatch):
     _profile_every_candidate(llm)
     assert sorted(loaded) == sorted(str(domain_models[m]) for m in "ab")  # every later engine reused them
     controller = llm.engine
-    assert controller.active.engine.tokenizer is controller._tokenizers[controller.active.model]
+    assert controller.active.engine.tokenizer is controller.engines.tokenizers[controller.active.model]
 
 
 def test_at_a_cold_start_no_request_waits_for_the_first_profile(domain_models, monkeypatch):

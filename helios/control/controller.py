@@ -28,22 +28,20 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
-
 from helios.config import EngineConfig
 from helios.control.actions import breach_options
+from helios.control.candidates import CandidateEngines
 from helios.control.events import EventLog
 from helios.control.monitor import BreachMonitor
 from helios.control.profiling import ProfilingRun, profiling_pool
-from helios.control.repository import ModelFacts, ModelRepository, tokenizer_key
+from helios.control.repository import ModelRepository
 from helios.control.requests import ControlledRequest, ControlledSeq
 from helios.control.selector import Plan, interim_plan, plan_candidate, select
 from helios.control.slo import SLO
-from helios.engine.engine import LLMEngine, load_tokenizer
+from helios.engine.engine import LLMEngine
 from helios.engine.outputs import RequestOutput
 from helios.engine.prompts import ChatPrompt, PromptTooLongError, parse_prompt
-from helios.exits.config import ExitConfig, ExitPolicy
-from helios.model.source import resolve_model
+from helios.exits.config import ExitPolicy
 from helios.sampling_params import SamplingParams
 from helios.utils.locking import locked
 
@@ -67,7 +65,7 @@ class ControlledEngine:
         self.repository = ModelRepository(repository)
         self.events = EventLog()
         self.lock = threading.RLock()
-        self._engine_request_ids = itertools.count()  # shared: requests move between engines
+        self.engines = CandidateEngines(self.configs, self.repository)
         self._request_ids = itertools.count()
         self.requests: dict[str, ControlledRequest] = {}
         self.pending: deque[ControlledRequest] = deque()  # waiting for the first deployment
@@ -78,63 +76,21 @@ class ControlledEngine:
         self.requests_since_profile = 0
         self.monitor = BreachMonitor(slo.breach_window, slo.max_breaches)
         self._owner: dict[int, ControlledSeq] = {}  # engine seq_id -> the controlled sample it carries
-        self._tokenizer_keys: dict[str, str] = {}
-        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # loaded once: engines of a model share it
         # the first loadable candidate is built now (bad arguments fail here); its tokenizer reads incoming prompts
         self._start_round("cold start")
         if self.profiling is None:
             raise RuntimeError(f"no candidate could be loaded for profiling ({self.events.events[-1].reason})")
-        self._load_tokenizers()
+        self.engines.load_tokenizers()
         self.tokenizer = self.profiling.engine.tokenizer
-        self.tokenizer_key = self._tokenizer_keys[self.profiling.model]
+        self.tokenizer_key = self.engines.tokenizer_keys[self.profiling.model]
         self.source = self.profiling.engine.source
         self.max_model_len = self.profiling.engine.max_model_len
 
     # ---- engines ------------------------------------------------------------------------------------------------
     def _build(self, model: str, **changes) -> LLMEngine:
-        """An engine of `model` with its trained exit heads when it has any (ExitConfig.heads, else the model's
-        helios_exits/ folder); exit layers and thresholds are the control plane's to set. It shares the weights
-        of a live engine of the same model (the deployment, or the engine that just profiled it): only layers
-        that one lacks are read from disk."""
-        config = self.configs[model]
-        heads = config.early_exit.heads if config.early_exit is not None else None
-        config = dataclasses.replace(config, early_exit=ExitConfig(heads=heads), **changes)
+        """An engine of `model` sharing the weights of a live engine of the same model, if there is one."""
         donor = next((e for m, e in self._live_engines() if m == model), None)
-        tokenizer = self._tokenizers.get(model)
-        started = time.perf_counter()
-        try:
-            engine = LLMEngine(config, request_ids=self._engine_request_ids, share_weights=donor, tokenizer=tokenizer)
-        except ValueError:
-            if donor is None:
-                raise
-            # not shareable: read it all
-            engine = LLMEngine(config, request_ids=self._engine_request_ids, tokenizer=tokenizer)
-        seconds = time.perf_counter() - started
-        m = engine.model
-        self._tokenizers.setdefault(model, engine.tokenizer)
-        self._tokenizer_keys.setdefault(model, tokenizer_key(engine.tokenizer))
-        self.repository.set_facts(ModelFacts(
-            name=model, total_layers=m.total_layers, bytes_per_layer=m.layer_bytes / m.loaded_layers,
-            fixed_bytes=m.weight_bytes - m.layer_bytes,
-            kv_bytes_per_token_per_layer=engine.kv_bytes_per_token // m.loaded_layers,
-            tokenizer=self._tokenizer_keys[model],
-            # measured only when layers came from disk (shared ones cost nothing)
-            load_seconds_per_layer=seconds / engine.layers_read if engine.layers_read else None))
-        return engine
-
-    def _load_tokenizers(self) -> None:
-        """Every candidate's tokenizer, once, before serving starts: building a candidate's engine later (its
-        profile, a switch) then reads only weights (Gemma 3's 262k-token tokenizer alone takes ~3 s). A candidate
-        whose tokenizer cannot load fails later, when it is built, as a failure event."""
-        for model, config in self.configs.items():
-            if model in self._tokenizers:
-                continue
-            try:
-                tokenizer = load_tokenizer(config.tokenizer or resolve_model(config.model).path)
-            except Exception:  # reported when the candidate is built
-                continue
-            self._tokenizers[model] = tokenizer
-            self._tokenizer_keys[model] = tokenizer_key(tokenizer)
+        return self.engines.build(model, donor, **changes)
 
     def _live_engines(self) -> list[tuple[str, LLMEngine]]:
         """Engines holding weights now, deepest first: the profiling run, the deployment, the last profiled."""
@@ -255,7 +211,7 @@ class ControlledEngine:
     def _prompt_on(self, request: ControlledRequest, model: str, engine: LLMEngine):
         """The request's prompt for `model`: its token ids when the tokenizer is the first candidate's, else text
         (a conversation in that model's own chat template)."""
-        if self._tokenizer_keys.get(model) == self.tokenizer_key:
+        if self.engines.tokenizer_keys.get(model) == self.tokenizer_key:
             return {"prompt": request.prompt_text, "prompt_token_ids": request.prompt_token_ids}
         return request.prompt_for(engine.tokenizer)
 
@@ -430,7 +386,7 @@ class ControlledEngine:
         self.active = new
         if old is None:
             return
-        same = self._tokenizer_keys.get(old.model) == self._tokenizer_keys.get(new.model)
+        same = self.engines.tokenizer_keys.get(old.model) == self.engines.tokenizer_keys.get(new.model)
         moved = 0
         for request_id in list(old.engine.requests):
             inner = old.engine.requests[request_id]

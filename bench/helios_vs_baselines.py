@@ -24,8 +24,8 @@ Exit heads: each candidate's tuned heads are found in its model directory's heli
 gsm8k test records and the first 5 xsum articles (documents, not the served prompts; the workload never uses them).
 
 Usage: python bench/helios_vs_baselines.py [--models smollm2-135m gemma3-270m] [--heads smollm2-135m=DIR ...]
-       [--ee-layers smollm2-135m=12,20,24 ...] [--ee-targets 0.8 0.9 0.95 0.98] [--phase-requests 64] [--wave 64]
-       [--max-tokens 32] [--memory-budget 2.5GiB] [--helios throughput latency ...]
+       [--ee-layers smollm2-135m=12,20,24 ...] [--ee-models smollm2-135m] [--ee-targets 0.8 0.9 0.95 0.98]
+       [--phase-requests 64] [--wave 64] [--max-tokens 32] [--memory-budget 2.5GiB] [--helios throughput latency ...]
 """
 
 from __future__ import annotations
@@ -361,6 +361,8 @@ def main() -> int:
     parser.add_argument("--heads", nargs="*", default=[], help="MODEL=DIR: tuned heads to install")
     parser.add_argument("--ee-layers", nargs="*", default=[],
                         help="MODEL=L1,L2,...: the EE baseline's exits (default: every layer with a tuned head)")
+    parser.add_argument("--ee-models", nargs="*", default=None,
+                        help="models that get the EE baseline (default: every --models entry)")
     parser.add_argument("--ee-targets", nargs="*", type=float, default=[0.8, 0.9, 0.95, 0.98],
                         help="offline calibration targets of the EE baseline (one run each)")
     parser.add_argument("--calibration-tokens", type=int, default=20_000,
@@ -380,14 +382,18 @@ def main() -> int:
     prompts = workload(args.phase_requests)
     common = dict(memory_budget=args.memory_budget, max_model_len=args.max_model_len, dtype="float32")
     work = Path(tempfile.mkdtemp(prefix="helios-vs-baselines-"))
+    ee_models = args.models if args.ee_models is None else args.ee_models
+    unknown = sorted(set(ee_models) - set(args.models))
+    if unknown:
+        parser.error(f"--ee-models {unknown} are not in --models")
     ee_heads = {m: offline_ee_heads(m, ee_layers.get(m), args.ee_targets, work, args.calibration_tokens)
-                for m in args.models}
+                for m in ee_models}
     results, plain = {}, {}
     for model in args.models:
         name = f"plain:{model}"
         print(f"running {name}", file=sys.stderr)
         results[name] = plain[model] = run(name, LLM(model, **common), prompts, args.wave, args.max_tokens, model)
-    for model in args.models:
+    for model in ee_models:
         for target, heads in ee_heads[model].items():
             name = f"ee:{model}@{target}"
             print(f"running {name}", file=sys.stderr)

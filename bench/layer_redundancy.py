@@ -70,6 +70,8 @@ def measure(name: str, drops: list[int], tokens: int, seq_len: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     layers = list(model.model.layers)
     total = len(layers)
+    if max(drops) > total - 2:  # a block must leave the first and the last layer
+        raise SystemExit(f"--drop {max(drops)}: {name} has {total} layers, so at most {total - 2} can go")
     inputs = windows(tokenizer, tokens, seq_len)
     started = time.perf_counter()
     reference = argmaxes(model, layers, inputs)

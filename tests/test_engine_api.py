@@ -93,16 +93,26 @@ def test_interrupted_generate_aborts_what_it_queued(llm, monkeypatch):
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
 
 
-def test_abort_by_request_id_from_another_thread(llm):
+def test_abort_by_request_id_from_another_thread(llm, monkeypatch):
+    # the worker's first step waits until both requests are aborted: otherwise a short generation can finish first
+    real_step, aborted = llm.engine.step, threading.Event()
+
+    def step_after_abort():
+        aborted.wait(timeout=60)
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", step_after_abort)
     results = {}
     worker = threading.Thread(target=lambda: results.setdefault("out", llm.generate(
         PROMPTS[:2], SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True), use_tqdm=False)))
     worker.start()
-    while not llm.engine.requests and worker.is_alive():
+    while len(llm.engine.requests) < 2 and worker.is_alive():
         time.sleep(0.001)
     for request_id in list(llm.engine.requests):
         llm.abort(request_id)
+    aborted.set()
     worker.join(timeout=60)
+    monkeypatch.undo()
     assert not worker.is_alive()
     assert [o.outputs[0].finish_reason for o in results["out"]] == ["abort", "abort"]
     assert all(len(o.outputs[0].token_ids) < 1500 for o in results["out"])
